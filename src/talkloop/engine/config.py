@@ -1,0 +1,82 @@
+"""Engine configuration: one frozen dataclass per concern, validated in `__post_init__`.
+
+`ModelConfig` describes an architecture (read from GGUF metadata or config.json);
+`CacheConfig`, `SchedulerConfig` and `EngineConfig` describe how it is served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+RopeScalingType = Literal["none", "linear", "llama3", "yarn"]
+DType = Literal["float32", "bfloat16"]
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling, as in transformers' `rope_scaling` dict."""
+
+    type: RopeScalingType = "none"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn: None means 0.1 * ln(factor) + 1
+
+    def __post_init__(self) -> None:
+        if self.type not in ("none", "linear", "llama3", "yarn"):
+            raise ValueError(
+                f"rope scaling type {self.type!r} is not one of none/linear/llama3/yarn"
+            )
+        if self.factor <= 0:
+            raise ValueError(f"rope scaling factor must be > 0, got {self.factor}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a Llama-family (optionally MoE) decoder."""
+
+    architecture: str  # "llama", "qwen2", "mixtral", "qwen2_moe", ...
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: bias on q, k, v projections
+    # Mixture of experts (num_experts == 0 means a dense model).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE shared expert (0 = none)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model config {name} must be > 0, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok must be in 1..{self.num_experts}, "
+                f"got {self.num_experts_per_tok}"
+            )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0

@@ -1,0 +1,1 @@
+"""Weight loading: GGUF files and safetensors folders into canonical torch tensors."""
