@@ -80,3 +80,65 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: fixed-size blocks preallocated once within a memory budget."""
+
+    block_size: int = 16
+    kv_cache_bytes: int | None = None  # explicit budget; wins over the fraction
+    kv_cache_fraction: float = 0.05  # of total system (or device) memory when no bytes given
+    min_kv_cache_bytes: int = 64 << 20
+    max_kv_cache_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
+        if not 0.0 < self.kv_cache_fraction <= 0.9:
+            raise ValueError(f"kv_cache_fraction must be in (0, 0.9], got {self.kv_cache_fraction}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits per step."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill + decodes)
+    watermark_fraction: float = 0.01  # free blocks kept when admitting new sequences
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if not 0.0 <= self.watermark_fraction < 0.5:
+            raise ValueError(
+                f"watermark_fraction must be in [0, 0.5), got {self.watermark_fraction}"
+            )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What to load and how to run it."""
+
+    model: str | None = None  # GGUF file or safetensors folder; None = the bundled model
+    dtype: DType = "float32"
+    device: str = "cpu"
+    num_threads: int | None = None  # CPU threads; None = all cores
+    max_model_len: int | None = None  # None = the model's context length
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")

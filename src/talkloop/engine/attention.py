@@ -1,0 +1,139 @@
+"""Attention over the paged KV cache.
+
+The runner flattens a step's tokens: prefill chunks first (one sequence each, any length),
+then decode tokens (one per sequence). New keys/values are written to their cache slots, then
+prefill chunks attend sequence by sequence and decodes attend as one padded batch. Plain
+PyTorch (SDPA), so the same code runs on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """One sequence's chunk of new tokens, attending to its whole context so far."""
+
+    token_start: int  # index of the chunk's first token in the flattened step
+    num_tokens: int
+    context_len: int  # tokens in cache after this step (cached + this chunk)
+    block_table: torch.Tensor  # [num_blocks] int64, covering context_len
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) per token
+    prefills: tuple[PrefillChunk, ...]
+    num_prefill_tokens: int
+    decode_block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
+    decode_context_lens: torch.Tensor  # [B] int64
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool, True = attend
+
+
+class KVCache:
+    """Per-layer key and value pools, allocated once: [num_blocks, block_size, Hkv, D]."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        element_bytes = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * element_bytes
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q [T, H, D], k/v [T, Hkv, D] for the step's new tokens -> output [T, H, D]."""
+    num_kv_heads, head_dim = key_cache.shape[2:]
+    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    for chunk in meta.prefills:
+        rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
+        out[rows] = _prefill_attention(q[rows], key_cache, value_cache, chunk, scale)
+    if meta.decode_context_lens.numel():
+        rows = slice(meta.num_prefill_tokens, q.shape[0])
+        out[rows] = _decode_attention(q[rows], key_cache, value_cache, meta, scale)
+    return out
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    # [n_blocks, block_size, Hkv, D] -> [Hkv, length, D]
+    flat = cache[block_table].flatten(0, 1)[:length]
+    return flat.transpose(0, 1)
+
+
+def _prefill_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    chunk: PrefillChunk,
+    scale: float,
+) -> torch.Tensor:
+    keys = _gather(key_cache, chunk.block_table, chunk.context_len)  # [Hkv, L, D]
+    values = _gather(value_cache, chunk.block_table, chunk.context_len)
+    query = q.transpose(0, 1)  # [H, n, D]
+    num_cached = chunk.context_len - chunk.num_tokens
+    if num_cached == 0:
+        out = F.scaled_dot_product_attention(
+            query, keys, values, is_causal=True, scale=scale, enable_gqa=True
+        )
+    else:
+        # Query i (absolute position num_cached + i) sees keys 0..num_cached + i.
+        rows = torch.arange(chunk.num_tokens, device=q.device).unsqueeze(1) + num_cached
+        mask = torch.arange(chunk.context_len, device=q.device).unsqueeze(0) <= rows
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+    return out.transpose(0, 1)
+
+
+def _decode_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    tables = meta.decode_block_tables  # [B, max_blocks]
+    batch, max_blocks = tables.shape
+    block_size, num_kv_heads, head_dim = key_cache.shape[1:]
+    keys = key_cache[tables].view(batch, max_blocks * block_size, num_kv_heads, head_dim)
+    values = value_cache[tables].view(batch, max_blocks * block_size, num_kv_heads, head_dim)
+    query = q.unsqueeze(2)  # [B, H, 1, D]
+    out = F.scaled_dot_product_attention(
+        query,
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=meta.decode_mask,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.squeeze(2)  # [B, H, D]

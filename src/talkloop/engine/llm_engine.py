@@ -1,0 +1,212 @@
+"""`LLMEngine`: add requests, `step()` them forward together, abort them.
+
+The step is schedule -> run -> post-process. Requests are validated on the way in, so a bad
+one is refused with a clear error while the others keep being served.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from collections.abc import Sequence as SequenceOf
+
+import torch
+
+from talkloop.engine.attention import KVCache
+from talkloop.engine.block_manager import BlockManager
+from talkloop.engine.config import EngineConfig
+from talkloop.engine.errors import InvalidRequestError
+from talkloop.engine.model_runner import ModelRunner
+from talkloop.engine.models.llama import LlamaForCausalLM
+from talkloop.engine.output_processor import (
+    Detokenizer,
+    TextState,
+    append_text,
+    check_stop,
+    take_delta,
+)
+from talkloop.engine.outputs import RequestOutput, TokenLogprob
+from talkloop.engine.sampler import SamplerOutput
+from talkloop.engine.sampling_params import SamplingParams
+from talkloop.engine.scheduler import Scheduler
+from talkloop.engine.sequence import FinishReason, Sequence
+from talkloop.engine.system import kv_cache_num_blocks, setup_torch
+
+logger = logging.getLogger(__name__)
+
+DetokenizerFactory = Callable[[SamplingParams, list[int]], Detokenizer]
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        config: EngineConfig,
+        detokenizer_factory: DetokenizerFactory,
+        stop_token_ids: SequenceOf[int] = (),
+    ) -> None:
+        setup_torch(config)
+        self.config = config
+        self.model_config = model.config
+        self.max_model_len = config.max_model_len or model.config.max_position_embeddings
+        dtype = next(model.parameters()).dtype
+        num_blocks = kv_cache_num_blocks(config, model.config, dtype)
+        block_size = config.cache.block_size
+        self.block_manager = BlockManager(num_blocks, block_size)
+        cache = KVCache(
+            model.config.num_layers,
+            num_blocks,
+            block_size,
+            model.config.num_kv_heads,
+            model.config.head_dim,
+            dtype,
+            config.device,
+        )
+        self.runner = ModelRunner(model, cache, self.block_manager, config.device)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self._detokenizer_factory = detokenizer_factory
+        self._requests: dict[str, list[Sequence]] = {}
+        self._text: dict[int, TextState] = {}
+        self._seq_ids = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        """Queue a request; raises InvalidRequestError (naming the field) if it cannot run."""
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        self._validate(prompt_token_ids, params)
+        seqs = [
+            self._new_sequence(request_id, i, prompt_token_ids, params) for i in range(params.n)
+        ]
+        self._requests[request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its cache blocks (unknown ids are ignored)."""
+        for seq in self._requests.pop(request_id, []):
+            if not seq.is_finished:
+                seq.finish(FinishReason.ABORT)
+            self.scheduler.finish(seq)
+            self._text.pop(seq.seq_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    # ---- the step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled.scheduled:
+            return []
+        try:
+            seqs, sampled = self.runner.run(scheduled)
+        except Exception as exc:  # a failed forward fails its batch, never the engine
+            logger.exception("model step failed")
+            return self._fail({s.seq.request_id for s in scheduled.scheduled}, exc)
+        for item in scheduled.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+        return self._postprocess(seqs, sampled)
+
+    def _postprocess(
+        self, seqs: tuple[Sequence, ...], sampled: SamplerOutput | None
+    ) -> list[RequestOutput]:
+        if sampled is None:
+            return []
+        token_ids = sampled.token_ids.tolist()
+        touched: dict[str, None] = {}
+        for row, (seq, token_id) in enumerate(zip(seqs, token_ids, strict=True)):
+            self._append(seq, token_id, row, sampled)
+            touched[seq.request_id] = None
+        return [self._request_output(request_id) for request_id in touched]
+
+    def _append(self, seq: Sequence, token_id: int, row: int, sampled: SamplerOutput) -> None:
+        seq.append_token(token_id)
+        state = self._text[seq.seq_id]
+        if sampled.logprobs is not None and seq.params.logprobs is not None:
+            state.pending_logprobs.append(
+                _token_logprob(sampled, row, token_id, seq.params.logprobs)
+            )
+        reason = check_stop(seq, token_id, self.stop_token_ids, self.max_model_len)
+        if reason is FinishReason.STOP:
+            state.stop_reason = token_id
+        elif append_text(state, seq, token_id):
+            reason = FinishReason.STOP
+        if reason is not None:
+            seq.finish(reason)
+            self.scheduler.finish(seq)
+
+    def _request_output(self, request_id: str) -> RequestOutput:
+        seqs = self._requests[request_id]
+        deltas = tuple(take_delta(self._text[s.seq_id], s) for s in seqs)
+        finished = all(s.is_finished for s in seqs)
+        if finished:
+            del self._requests[request_id]
+            for seq in seqs:
+                self._text.pop(seq.seq_id, None)
+        num_prompt = len(seqs[0].prompt_token_ids)
+        return RequestOutput(request_id, deltas, finished, num_prompt)
+
+    def _fail(self, request_ids: set[str], exc: Exception) -> list[RequestOutput]:
+        outputs = []
+        for request_id in request_ids:
+            seqs = self._requests.get(request_id, [])
+            num_prompt = len(seqs[0].prompt_token_ids) if seqs else 0
+            self.abort(request_id)
+            outputs.append(RequestOutput(request_id, (), True, num_prompt, error=str(exc)))
+        return outputs
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        vocab_size = self.model_config.vocab_size
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt is empty: send at least one token", "prompt")
+        if any(not 0 <= t < vocab_size for t in prompt_token_ids):
+            raise InvalidRequestError(f"prompt has token ids outside [0, {vocab_size})", "prompt")
+        if any(not 0 <= t < vocab_size for t in params.logit_bias):
+            raise InvalidRequestError(
+                f"logit_bias has token ids outside [0, {vocab_size})", "logit_bias"
+            )
+        capacity = min(
+            self.max_model_len, self.block_manager.num_blocks * self.block_manager.block_size
+        )
+        if len(prompt_token_ids) >= capacity:
+            raise InvalidRequestError(
+                f"prompt is {len(prompt_token_ids)} tokens; the context window holds {capacity} "
+                "including at least one generated token",
+                "prompt",
+            )
+        if len(prompt_token_ids) + params.max_tokens > capacity:
+            raise InvalidRequestError(
+                f"max_tokens={params.max_tokens} cannot fit: prompt {len(prompt_token_ids)} + "
+                f"max_tokens must be <= {capacity}; use max_tokens <= "
+                f"{capacity - len(prompt_token_ids)}",
+                "max_tokens",
+            )
+
+    def _new_sequence(
+        self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams
+    ) -> Sequence:
+        seq = Sequence(next(self._seq_ids), request_id, index, list(prompt_token_ids), params)
+        if params.seed is not None:
+            seq.generator = torch.Generator().manual_seed(params.seed * 1_000_003 + index)
+        detokenizer = self._detokenizer_factory(params, seq.prompt_token_ids)
+        self._text[seq.seq_id] = TextState(detokenizer)
+        return seq
+
+
+def _token_logprob(sampled: SamplerOutput, row: int, token_id: int, num_top: int) -> TokenLogprob:
+    chosen = float(sampled.logprobs[row]) if sampled.logprobs is not None else 0.0
+    top: tuple[tuple[int, float], ...] = ()
+    if num_top and sampled.top_token_ids is not None and sampled.top_logprobs is not None:
+        ids = sampled.top_token_ids[row, :num_top].tolist()
+        values = sampled.top_logprobs[row, :num_top].tolist()
+        top = tuple(zip(ids, values, strict=True))
+    return TokenLogprob(token_id, chosen, top)
