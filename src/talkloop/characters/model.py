@@ -214,9 +214,21 @@ class Character(SpecModel):
 
     `card_fields` holds the keys beside `data` that no spec defines (e.g. SillyTavern's V1
     mirror `name`, `avatar`, `create_date`), or for a V1 card its keys beyond the six V1 fields.
+    `V3_ONLY` names the fields a V2 card cannot hold (see `cards.versions` for the downgrade).
     """
 
-    NOT_SPEC: ClassVar[frozenset[str]] = frozenset({"unknown_fields", "card_fields"})
+    NOT_SPEC: ClassVar[frozenset[str]] = frozenset(
+        {"unknown_fields", "card_fields", "v2_inline_fields"}
+    )
+    V3_ONLY: ClassVar[tuple[str, ...]] = (
+        "assets",
+        "nickname",
+        "creator_notes_multilingual",
+        "source",
+        "group_only_greetings",
+        "creation_date",
+        "modification_date",
+    )
     NESTED: ClassVar[Mapping[str, type[SpecModel]]] = {"character_book": Lorebook}
     NESTED_LISTS: ClassVar[Mapping[str, type[SpecModel]]] = {"assets": CardAsset}
 
@@ -244,8 +256,11 @@ class Character(SpecModel):
     group_only_greetings: list[str] = Field(default_factory=list)
     creation_date: Number | None = None
     modification_date: Number | None = None
-    # not a spec field: keys beside `data`
+    # not spec fields: how the card file carried them
     card_fields: dict[str, Any] = Field(default_factory=dict)
+    v2_inline_fields: tuple[str, ...] = ()
+    """V3 fields a V2 card carried inline in `data` (as SillyTavern writes them); a V2
+    export writes these back inline rather than in the `talkloop.v3` extension."""
 
     @property
     def greetings(self) -> list[str]:
