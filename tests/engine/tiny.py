@@ -182,7 +182,9 @@ def run_to_completion(engine: LLMEngine) -> dict[str, list[int]]:
 
 
 @torch.inference_mode()
-def reference_greedy(model: LlamaForCausalLM, prompt: list[int], max_tokens: int) -> list[int]:
+def reference_greedy(
+    model: LlamaForCausalLM, prompt: list[int], max_tokens: int, stop_at_eos: bool = False
+) -> list[int]:
     """Naive one-sequence decoding: recompute the whole sequence every token, no cache reuse."""
     tokens = list(prompt)
     out: list[int] = []
@@ -191,7 +193,7 @@ def reference_greedy(model: LlamaForCausalLM, prompt: list[int], max_tokens: int
         nxt = int(logits.argmax())
         out.append(nxt)
         tokens.append(nxt)
-        if nxt == EOS_ID:
+        if stop_at_eos and nxt == EOS_ID:
             break
     return out
 

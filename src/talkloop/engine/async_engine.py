@@ -1,0 +1,145 @@
+"""`AsyncEngine`: the step loop in a background thread, an async stream per request.
+
+The loop thread alone touches the `LLMEngine`; callers talk to it through a command queue.
+Closing or cancelling a request's stream aborts it and frees its cache blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from talkloop.engine.errors import EngineDeadError
+from talkloop.engine.llm_engine import LLMEngine
+from talkloop.engine.outputs import RequestOutput
+from talkloop.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._ids = itertools.count()
+        self._stopped = False
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="talkloop-engine", daemon=True)
+        self._thread.start()
+
+    # ---- caller side ------------------------------------------------------------------------
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's deltas; raises InvalidRequestError before the first one."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        added: Future[None] = Future()
+        self._submit(lambda: self._add(request_id, prompt_token_ids, params, stream, added))
+        await asyncio.wrap_future(added)
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._submit(lambda: self._abort(request_id))
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self._dead is None
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout_s)
+
+    def call(self, fn: Callable[[LLMEngine], object]) -> Future[object]:
+        """Run `fn(engine)` on the loop thread (for stats) and get its result as a future."""
+        result: Future[object] = Future()
+        self._submit(lambda: result.set_result(fn(self.engine)))
+        return result
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine loop stopped: {self._dead}")
+        self._commands.put(command)
+        self._wakeup.set()
+
+    # ---- loop thread --------------------------------------------------------------------------
+    def _add(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        stream: _Stream,
+        added: Future[None],
+    ) -> None:
+        try:
+            self.engine.add_request(request_id, prompt_token_ids, params)
+        except Exception as exc:
+            added.set_exception(exc)
+            return
+        self._streams[request_id] = stream
+        added.set_result(None)
+
+    def _abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self._streams.pop(request_id, None)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped:
+                self._drain_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.wait(0.5)
+                    self._wakeup.clear()
+                    continue
+                self._dispatch(self.engine.step())
+        except BaseException as exc:  # the loop must never die silently
+            logger.exception("engine loop died")
+            self._dead = exc
+            for stream in self._streams.values():
+                stream.put(EngineDeadError(f"the engine loop stopped: {exc}"))
+            self._streams.clear()
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            stream.put(output)
+            if output.finished:
+                del self._streams[output.request_id]
