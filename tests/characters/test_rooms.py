@@ -83,8 +83,13 @@ def test_round_robin_skips_members_who_left() -> None:
 
 def test_natural_order_puts_mentioned_members_first_in_order_of_mention() -> None:
     room = make_room(0.0, 0.0, 0.0)
-    room.post_user("cleo, what does BRAM HOLT think? And you, Ada?")
+    room.post_user("cleo, what does HOLT think? And you, Ada?")
     assert room.next_speakers(NaturalOrder(seed=1)) == ["cleo", "bram", "ada"]
+
+
+def test_member_aliases_are_name_nicknames_and_long_name_words() -> None:
+    member = RoomMember("k", "Keeper of the Rolls", nicknames=("Kip",))
+    assert member.aliases == ("Keeper of the Rolls", "Kip", "Keeper", "Rolls")
 
 
 def test_natural_order_matches_nicknames_as_whole_words() -> None:

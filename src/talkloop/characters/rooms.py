@@ -65,11 +65,17 @@ class RoomMember:
         nicknames = (character.nickname,) if character.nickname else ()
         return cls(character_id, character.name, nicknames, _talkativeness(character))
 
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """Name, nicknames, and each name word of 3+ letters (as SillyTavern matches names)."""
+        words = [w for w in re.findall(r"\w+", self.name) if len(w) >= 3 and w.lower() != "the"]
+        return (self.name, *self.nicknames, *words)
+
     def first_mention(self, text: str) -> int | None:
-        """Where the name or a nickname first appears in `text` as whole words, if anywhere."""
+        """Where an alias first appears in `text` as whole words (any case), if anywhere."""
         positions = [
             found.start()
-            for alias in (self.name, *self.nicknames)
+            for alias in self.aliases
             if (found := re.search(rf"(?<!\w){re.escape(alias)}(?!\w)", text, re.IGNORECASE))
         ]
         return min(positions, default=None)
@@ -312,9 +318,10 @@ class RoundRobin:
 
 
 class NaturalOrder:
-    """SillyTavern's natural order: members mentioned in the last message first (in order of
-    mention), then each member in a shuffled order speaks if `random() <= talkativeness`; if
-    nobody did, one random member. The last speaker is skipped unless self-responses are on.
+    """SillyTavern's natural order: members mentioned in the last message first (by name word
+    or nickname, in order of mention), then each member in a shuffled order speaks if
+    `random() <= talkativeness`; if nobody did, one random member. The last speaker is
+    skipped unless self-responses are on.
     """
 
     def __init__(self, seed: int, *, allow_self_responses: bool = False) -> None:
