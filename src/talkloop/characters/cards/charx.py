@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import re
 import zipfile
+import zlib
 from collections.abc import Mapping
 
 from talkloop.characters.cards.card_file import CardFile, CardFormat, CardVersion, embedded_path
@@ -106,7 +107,7 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, source: str | 
     try:
         with archive.open(info) as member:
             return member.read()
-    except (zipfile.BadZipFile, OSError, NotImplementedError, EOFError) as exc:
+    except (zipfile.BadZipFile, zlib.error, OSError, NotImplementedError, EOFError) as exc:
         raise CardFormatError(
             f"archive member {info.filename!r} cannot be read: {exc}", source=source
         ) from None

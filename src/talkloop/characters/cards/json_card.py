@@ -37,6 +37,7 @@ def decode_card_json(raw: bytes, source: str | None, limits: CardLimits) -> dict
         raise CardFormatError(
             f"card JSON must be an object, got {type(card).__name__}", source=source
         )
+    limits.check_json_depth(card, source)
     return card
 
 

@@ -27,6 +27,7 @@ class CardLimits:
     max_compression_ratio: float = 100.0
     ratio_floor_bytes: int = 1 * MIB
     max_archive_members: int = 4096
+    max_json_depth: int = 100
 
     def __post_init__(self) -> None:
         for name in ("max_file_bytes", "max_json_bytes", "max_unpacked_bytes"):
@@ -38,6 +39,8 @@ class CardLimits:
             raise ValueError(
                 "CardLimits.ratio_floor_bytes must be >= 0 and max_archive_members > 0"
             )
+        if self.max_json_depth < 8:
+            raise ValueError("CardLimits.max_json_depth must be at least 8 (cards nest ~5 deep)")
 
     def check_file_size(self, num_bytes: int, source: str | None) -> None:
         """Refuse a whole card file over `max_file_bytes`."""
@@ -56,6 +59,22 @@ class CardLimits:
                 "(CardLimits.max_json_bytes)",
                 source=source,
             )
+
+    def check_json_depth(self, value: object, source: str | None) -> None:
+        """Refuse JSON nested deeper than `max_json_depth` (copying it would overflow)."""
+        stack: list[tuple[object, int]] = [(value, 1)]
+        while stack:
+            node, depth = stack.pop()
+            if depth > self.max_json_depth:
+                raise CardFormatError(
+                    f"card JSON nests deeper than {self.max_json_depth} levels "
+                    "(CardLimits.max_json_depth)",
+                    source=source,
+                )
+            if isinstance(node, dict):
+                stack.extend((child, depth + 1) for child in node.values())
+            elif isinstance(node, list):
+                stack.extend((child, depth + 1) for child in node)
 
     def check_ratio(self, unpacked_bytes: int, packed_bytes: int, source: str | None) -> None:
         """Refuse a compressed stream that expands more than `max_compression_ratio` times."""
