@@ -3,8 +3,9 @@
 Reading takes `ccv3` first, then `chara`, from tEXt, zTXt or iTXt chunks, plus any
 `chara-ext-asset_:{path}` asset chunks. Writing keeps every other chunk of the image byte for
 byte (so the pixels never change) and puts the card chunks before IEND: `chara` always, and
-`ccv3` for V3. Embedded asset files other than the image itself need CHARX; PNG does not
-carry them.
+`ccv3` for V3. `chara` is the plain V2 downgrade (no "loaded as V2" notice is added to
+`creator_notes`, as SillyTavern does not). Embedded asset files other than the image itself
+need CHARX: PNG only keeps the legacy `chara-ext-asset_` chunks it already had.
 """
 
 from __future__ import annotations
