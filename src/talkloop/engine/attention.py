@@ -99,20 +99,22 @@ def _prefill_attention(
 ) -> torch.Tensor:
     keys = _gather(key_cache, chunk.block_table, chunk.context_len)  # [Hkv, L, D]
     values = _gather(value_cache, chunk.block_table, chunk.context_len)
-    query = q.transpose(0, 1)  # [H, n, D]
+    # NOTE: SDPA's GQA mode falls back to the slow math kernel on CPU; repeating the KV heads
+    # keeps the fused (flash) kernel, about 4x faster for a 512-token prefill.
+    group = q.shape[1] // keys.shape[0]
+    keys = keys.repeat_interleave(group, dim=0).unsqueeze(0)  # [1, H, L, D]
+    values = values.repeat_interleave(group, dim=0).unsqueeze(0)
+    query = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
     num_cached = chunk.context_len - chunk.num_tokens
-    if num_cached == 0:
-        out = F.scaled_dot_product_attention(
-            query, keys, values, is_causal=True, scale=scale, enable_gqa=True
-        )
-    else:
+    mask = None
+    if num_cached:
         # Query i (absolute position num_cached + i) sees keys 0..num_cached + i.
         rows = torch.arange(chunk.num_tokens, device=q.device).unsqueeze(1) + num_cached
         mask = torch.arange(chunk.context_len, device=q.device).unsqueeze(0) <= rows
-        out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-        )
-    return out.transpose(0, 1)
+    out = F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, is_causal=mask is None, scale=scale
+    )
+    return out[0].transpose(0, 1)
 
 
 def _decode_attention(
