@@ -334,3 +334,14 @@ def test_member_validation() -> None:
         RoomMember("ada", "Ada", talkativeness=1.5)
     with pytest.raises(ValueError, match="needs a character_id and a name"):
         RoomMember("", "Ada")
+
+
+def test_world_books_linked_by_a_card_are_private_to_each_linking_character() -> None:
+    world = book("Harbour", ["harbour"], "The harbour freezes in winter.")
+    room = Room(clock=fake_clock(), id_factory=counter_ids())
+    room.add_character("ada", Character(name="Ada"), world_books=[world])
+    room.add_character("bram", Character(name="Bram"), world_books=[world])
+    room.add_character("cleo", Character(name="Cleo"))
+    assert room.context_for("ada").lorebooks == (world,)
+    assert room.context_for("bram").lorebooks == (world,)
+    assert room.context_for("cleo").lorebooks == ()

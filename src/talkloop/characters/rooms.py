@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -176,13 +176,20 @@ class Room:
         self._mark_presence(member.character_id, joined=True)
 
     def add_character(
-        self, character_id: str, character: Character, *, greet: bool = False
+        self,
+        character_id: str,
+        character: Character,
+        *,
+        world_books: Sequence[Lorebook] = (),
+        greet: bool = False,
     ) -> RoomMember:
-        """Join with a card: its lorebook becomes private lore; optionally post its greeting."""
+        """Join with a card: its lorebook and the world books it links become its private lore
+        (two characters linking one world book each see it); optionally post its greeting."""
         member = RoomMember.from_character(character_id, character)
         self.join(member)
-        if character.character_book is not None:
-            self.add_private_lore(character_id, character.character_book)
+        own_book = [character.character_book] if character.character_book is not None else []
+        for book in (*own_book, *world_books):
+            self.add_private_lore(character_id, book)
         if greet:
             self.conversation.greet(character, character_id=character_id)
         return member
