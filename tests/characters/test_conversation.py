@@ -28,7 +28,7 @@ from talkloop.characters.conversation import (
 )
 from talkloop.characters.errors import CharacterError
 from talkloop.characters.model import Character
-from talkloop.characters.persona import Persona
+from talkloop.characters.persona import Persona, PersonaError
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -300,8 +300,9 @@ def test_persona_is_held_and_changes_are_recorded() -> None:
 
 
 def test_persona_rejects_an_empty_name() -> None:
-    with pytest.raises(ValueError, match="persona name must be a non-empty string"):
+    with pytest.raises(PersonaError, match="persona name must be a non-empty string"):
         Persona("  ")
+    assert issubclass(PersonaError, CharacterError) and issubclass(PersonaError, ValueError)
 
 
 # ------------------------------------------------------------------ persistence

@@ -18,6 +18,7 @@ from talkloop.characters.rooms import (
     Room,
     RoomError,
     RoomMember,
+    RoomMemberError,
     RoundRobin,
 )
 
@@ -345,3 +346,9 @@ def test_world_books_linked_by_a_card_are_private_to_each_linking_character() ->
     assert room.context_for("ada").lorebooks == (world,)
     assert room.context_for("bram").lorebooks == (world,)
     assert room.context_for("cleo").lorebooks == ()
+
+
+def test_member_errors_are_room_errors_and_value_errors() -> None:
+    with pytest.raises(RoomError):
+        RoomMember("ada", " ")
+    assert issubclass(RoomMemberError, ValueError)

@@ -9,7 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from talkloop.characters.errors import CharacterError
+
 DEFAULT_USER_NAME = "User"
+
+
+class PersonaError(CharacterError, ValueError):
+    """A persona's name or description is not usable."""
 
 
 @dataclass(frozen=True)
@@ -21,9 +27,9 @@ class Persona:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
-            raise ValueError(f"persona name must be a non-empty string, got {self.name!r}")
+            raise PersonaError(f"persona name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.description, str):
-            raise ValueError(
+            raise PersonaError(
                 f"persona description must be a string, got {type(self.description).__name__}"
             )
 
@@ -34,5 +40,5 @@ class Persona:
     def from_dict(cls, data: dict[str, Any]) -> Persona:
         """Build a persona from `to_dict` output; a missing description means an empty one."""
         if not isinstance(data, dict) or "name" not in data:
-            raise ValueError(f"persona data must be a mapping with a 'name', got {data!r}")
+            raise PersonaError(f"persona data must be a mapping with a 'name', got {data!r}")
         return cls(name=data["name"], description=data.get("description", ""))

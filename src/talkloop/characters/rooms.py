@@ -36,6 +36,10 @@ class RoomError(CharacterError):
     """A room operation names an unknown or absent character, or is otherwise invalid."""
 
 
+class RoomMemberError(RoomError, ValueError):
+    """A room member's id, name or talkativeness is not usable."""
+
+
 # ---------------------------------------------------------------- members and presence
 
 
@@ -50,12 +54,12 @@ class RoomMember:
 
     def __post_init__(self) -> None:
         if not self.character_id or not self.name.strip():
-            raise ValueError(
+            raise RoomMemberError(
                 f"a room member needs a character_id and a name, got "
                 f"{self.character_id!r} and {self.name!r}"
             )
         if not 0.0 <= self.talkativeness <= 1.0:
-            raise ValueError(
+            raise RoomMemberError(
                 f"talkativeness of {self.name!r} must be in [0, 1], got {self.talkativeness}"
             )
 
