@@ -1,0 +1,68 @@
+"""Build a ready engine from a path: weights, tokenizer, chat template, `LLMEngine`.
+
+The only place that knows how the engine's parts fit together at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from talkloop.engine.assets import default_model_path
+from talkloop.engine.chat_template import ChatTemplate
+from talkloop.engine.config import EngineConfig
+from talkloop.engine.detokenizer import IncrementalDetokenizer
+from talkloop.engine.llm_engine import LLMEngine
+from talkloop.engine.models.llama import LlamaForCausalLM
+from talkloop.engine.output_processor import Detokenizer
+from talkloop.engine.sampling_params import SamplingParams
+from talkloop.engine.tokenizer import Tokenizer
+from talkloop.engine.weights import load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: LlamaForCausalLM
+    tokenizer: Tokenizer
+    chat_template: ChatTemplate
+    path: Path
+    load_seconds: float
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    """Read weights and tokenizer from `config.model` (or the bundled model)."""
+    start = time.perf_counter()
+    path = Path(config.model) if config.model else default_model_path()
+    checkpoint = load_checkpoint(path)
+    tokenizer = (
+        Tokenizer.from_gguf_metadata(checkpoint.metadata)
+        if path.is_file()
+        else Tokenizer.from_folder(path)
+    )
+    model = LlamaForCausalLM(checkpoint.config, dtype=DTYPES[config.dtype], device=config.device)
+    model.load_weights(checkpoint.tensors)
+    model.to(config.device).eval()
+    seconds = time.perf_counter() - start
+    logger.info("loaded %s in %.2f s", path, seconds)
+    return LoadedModel(model, tokenizer, ChatTemplate.for_tokenizer(tokenizer), path, seconds)
+
+
+def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> LLMEngine:
+    loaded = loaded or load_model(config)
+    tokenizer = loaded.tokenizer
+
+    def detokenizer(params: SamplingParams, prompt_token_ids: list[int]) -> Detokenizer:
+        return IncrementalDetokenizer(
+            tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens
+        )
+
+    stop_ids = set(tokenizer.stop_token_ids) | set(loaded.model.config.eos_token_ids)
+    return LLMEngine(loaded.model, config, detokenizer, sorted(stop_ids))
