@@ -159,11 +159,11 @@ def run_llamacpp(task: str) -> dict[str, float]:
 def run_transformers(task: str) -> dict[str, float]:
     import torch
     import transformers
-    from talkloop.engine.weights.safetensors_folder import save_safetensors_folder
 
     from talkloop.engine.assets import default_model_path
     from talkloop.engine.tokenizer import Tokenizer
     from talkloop.engine.weights import load_checkpoint
+    from talkloop.engine.weights.safetensors_folder import save_safetensors_folder
 
     torch.set_num_threads(THREADS)
     torch.set_flush_denormal(True)
