@@ -222,7 +222,9 @@ def test_unsupported_quant_type_is_named(tmp_path: Path) -> None:
 
     path = tmp_path / "q2k.gguf"
     write_gguf(path, LLAMA, random_tensors(LLAMA), metadata=add_q2k)
-    with pytest.raises(UnsupportedModelError, match=r"'blk\.0\.extra\.weight'.*Q2_K"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"q2k\.gguf: tensor 'blk\.0\.extra\.weight'.*Q2_K"
+    ):
         load_gguf(path)
 
 

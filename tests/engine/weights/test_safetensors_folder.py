@@ -14,8 +14,9 @@ from talkloop.engine.weights import (
     load_safetensors_folder,
     save_safetensors_folder,
 )
+from talkloop.engine.weights.gguf import load_gguf
 
-from .builders import LLAMA, MIXTRAL, QWEN2, QWEN2_MOE
+from .builders import LLAMA, MIXTRAL, QWEN2, QWEN2_MOE, random_tensors, write_gguf
 from .hf_models import canonical_state, hf_config, logits, random_model
 
 CONFIGS = [LLAMA, QWEN2, MIXTRAL, QWEN2_MOE]
@@ -53,6 +54,21 @@ def test_saved_folder_gives_transformers_identical_logits(
 
     torch.testing.assert_close(logits(reloaded.eval()), logits(model), rtol=0, atol=0)
     assert load_safetensors_folder(tmp_path / "out").config == expected
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
+def test_gguf_checkpoint_converts_to_a_transformers_folder(
+    tmp_path: Path, config: ModelConfig
+) -> None:
+    expected = write_gguf(tmp_path / "tiny.gguf", config, random_tensors(config))
+    save_safetensors_folder(load_gguf(tmp_path / "tiny.gguf"), tmp_path / "out", "float32")
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+
+    state = canonical_state(reloaded)
+    assert sorted(state) == sorted(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
 
 
 def test_sharded_bfloat16_round_trip_and_tokenizer_copy(tmp_path: Path) -> None:

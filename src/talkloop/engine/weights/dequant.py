@@ -38,17 +38,13 @@ class QuantizedTensor:
         return self.data.numel()
 
     def dequantize(self) -> torch.Tensor:
-        """The float32 tensor of `shape` these blocks encode."""
+        """The float32 tensor of `shape` these blocks encode, in fresh memory (never a view)."""
         dequantizer = _DEQUANTIZERS.get(self.qtype)
         if dequantizer is None:
             raise UnsupportedModelError(_unsupported_message(self.name, self.qtype.name))
         _, type_size = GGML_QUANT_SIZES[self.qtype]
         blocks = self.data.reshape(-1, type_size)
         return dequantizer(blocks).reshape(self.shape)
-
-
-def is_supported(qtype: GGMLQuantizationType) -> bool:
-    return qtype in _DEQUANTIZERS
 
 
 def quantized_tensor(
@@ -102,7 +98,7 @@ def _as_bytes(name: str, raw: object) -> torch.Tensor:
     if isinstance(raw, np.ndarray):
         flat = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
         with warnings.catch_warnings():
-            # NOTE: read-only memmaps are fine: nothing here writes through the view.
+            # NOTE: read-only memmaps are fine: dequantizing reads the view, never writes it.
             warnings.filterwarnings("ignore", message=".*not writable.*")
             return torch.from_numpy(flat)
     raise ModelLoadError(f"tensor {name!r}: expected a numpy array or torch tensor of bytes")
@@ -131,7 +127,7 @@ def _bits(qh: torch.Tensor) -> torch.Tensor:
 
 
 def _f32(blocks: torch.Tensor) -> torch.Tensor:
-    return blocks.contiguous().view(torch.float32)
+    return blocks.contiguous().view(torch.float32).clone()  # the bytes may be a read-only map
 
 
 def _f16_values(blocks: torch.Tensor) -> torch.Tensor:

@@ -104,17 +104,29 @@ def _one_torch_thread() -> Iterator[None]:
 def read_gguf(path: str | Path) -> GGUFContents:
     """Read a GGUF file's metadata and map its tensors, without dequantizing them."""
     source = Path(path)
-    reader = _open(source)
-    metadata = read_metadata(reader)
-    raw = {tensor.name: tensor for tensor in reader.tensors}
-    shapes = {name: _logical_shape(tensor) for name, tensor in raw.items()}
-    rope_freqs = _rope_freqs(raw.get(ROPE_FREQS))
-    config = config_from_gguf(metadata, shapes, source, rope_freqs)
-    tensors = _canonical_tensors(raw)
-    check_shapes(config, {name: qt.shape for name, qt in tensors.items()}, source)
-    if gguf_architecture(metadata, source) in PERMUTED_QK:
-        _unpermute_qk(tensors, config)
+    with _errors_name_the_file(source):
+        reader = _open(source)
+        metadata = read_metadata(reader)
+        raw = {tensor.name: tensor for tensor in reader.tensors}
+        shapes = {name: _logical_shape(tensor) for name, tensor in raw.items()}
+        rope_freqs = _rope_freqs(raw.get(ROPE_FREQS))
+        config = config_from_gguf(metadata, shapes, source, rope_freqs)
+        tensors = _canonical_tensors(raw)
+        check_shapes(config, {name: qt.shape for name, qt in tensors.items()}, source)
+        if gguf_architecture(metadata, source) in PERMUTED_QK:
+            _unpermute_qk(tensors, config)
     return GGUFContents(config, tensors, source, metadata)
+
+
+@contextmanager
+def _errors_name_the_file(source: Path) -> Iterator[None]:
+    """Prefix `source` to load errors raised by helpers that only know a tensor name."""
+    try:
+        yield
+    except ModelLoadError as exc:
+        if str(exc).startswith(str(source)):
+            raise
+        raise type(exc)(f"{source}: {exc}") from exc
 
 
 class _Reader(GGUFReader):
@@ -164,8 +176,6 @@ def _open(source: Path) -> GGUFReader:
     try:
         # mode "c": copy-on-write pages, so tensors viewing the file are safely writable.
         reader = _Reader(source, mode="c")
-    except ModelLoadError as exc:
-        raise type(exc)(f"{source}: {exc}") from exc
     except (ValueError, KeyError, IndexError, OSError, OverflowError) as exc:
         raise ModelLoadError(
             f"{source}: not a readable GGUF file ({type(exc).__name__}: {exc})"
