@@ -12,7 +12,7 @@ from talkloop.characters.lorebook.activation import (
     ScanSettings,
 )
 from talkloop.characters.lorebook.budget import ActivatedEntry, ActivatedLore
-from talkloop.characters.lorebook.decorators import Decorators, Role, parse_decorators
+from talkloop.characters.lorebook.decorators import ROLES, Decorators, Role, parse_decorators
 from talkloop.characters.lorebook.entries import EntryDefaults, LorePosition
 from talkloop.characters.lorebook.keys import KeywordIndex, PlainKey, RegexKey, parse_key
 from talkloop.characters.lorebook.worldbook import (
@@ -26,6 +26,7 @@ from talkloop.characters.lorebook.worldbook import (
 
 __all__ = [
     "LOREBOOK_SPEC",
+    "ROLES",
     "SELECTIVE_LOGICS",
     "ActivatedEntry",
     "ActivatedLore",
