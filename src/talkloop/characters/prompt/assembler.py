@@ -112,26 +112,33 @@ class AssembledPrompt:
         return [{"role": message.role, "content": message.content} for message in self.messages]
 
 
+@dataclass(frozen=True)
+class _Tagged:
+    section: str
+    message: ChatMessage
+    num_tokens: int
+
+
 @dataclass
 class _Sections:
-    """Messages collected in prompt order, each tagged with its section."""
+    """Messages collected in prompt order, each tagged with its section and counted once."""
 
     counter: TokenCounter
     overhead: int
-    tagged: list[tuple[str, ChatMessage]] = field(default_factory=list)
+    tagged: list[_Tagged] = field(default_factory=list)
 
     def add(self, section: str, content: str, role: Role = "system") -> None:
         if content:
-            self.tagged.append((section, ChatMessage(role, content)))
-
-    def content_tokens(self, section: str) -> int:
-        return sum(self.counter.count(m.content) for s, m in self.tagged if s == section)
+            num_tokens = self.counter.count(content)
+            self.tagged.append(_Tagged(section, ChatMessage(role, content), num_tokens))
 
     def num_tokens(self) -> int:
-        return sum(self.counter.count(m.content) + self.overhead for _, m in self.tagged)
+        return sum(tagged.num_tokens + self.overhead for tagged in self.tagged)
 
     def token_counts(self) -> SectionTokens:
-        counts = {section: self.content_tokens(section) for section in SECTIONS}
+        counts = dict.fromkeys(SECTIONS, 0)
+        for tagged in self.tagged:
+            counts[tagged.section] += tagged.num_tokens
         return SectionTokens(**counts, overhead=len(self.tagged) * self.overhead)
 
 
@@ -189,7 +196,7 @@ class PromptAssembler:
         summary_index = len(head.tagged) if num_trimmed else None
         head.tagged += history.tagged + tail.tagged
         return AssembledPrompt(
-            messages=tuple(message for _, message in head.tagged),
+            messages=tuple(tagged.message for tagged in head.tagged),
             stable_prefix_messages=num_stable,
             section_tokens=head.token_counts(),
             lore_uids=lore.uids,
