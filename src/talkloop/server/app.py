@@ -1,0 +1,104 @@
+"""`create_app`: the FastAPI application, its lifespan, middleware, routers and error mapping.
+
+The lifespan migrates the database, bootstraps the first start, builds the engine backend
+when none is given, and on shutdown flushes the usage ledger and closes what it opened.
+To add a router: write it in its own module and include it in `ROUTERS` (or `app.include_router`
+on the returned app); reach services through `deps`, data through `auth.StoreDep`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+
+from talkloop.backends.base import ModelBackend
+from talkloop.backends.engine_backend import AdmissionLimits, EngineBackend
+from talkloop.engine.config import CacheConfig, EngineConfig
+from talkloop.server import admin_api, health, openai_api
+from talkloop.server.bootstrap import bootstrap
+from talkloop.server.db.database import Database
+from talkloop.server.db.migrate import upgrade
+from talkloop.server.errors import install_error_handlers
+from talkloop.server.ledger import UsageLedger
+from talkloop.server.middleware import DrainGate, DrainMiddleware, RequestIdMiddleware
+from talkloop.server.model_registry import ModelRegistry
+from talkloop.server.services import Services
+from talkloop.server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+ROUTERS: tuple[APIRouter, ...] = (health.router, admin_api.router, openai_api.router)
+AdminKeyCallback = Callable[[str], None]
+
+
+def build_backend(settings: Settings) -> EngineBackend:
+    """The built-in engine on `settings.model` (None: the bundled model)."""
+    kv_bytes = settings.kv_cache_mb << 20 if settings.kv_cache_mb else None
+    config = EngineConfig(
+        model=settings.model,
+        dtype=settings.dtype,
+        num_threads=settings.num_threads,
+        max_model_len=settings.max_model_len,
+        cache=CacheConfig(kv_cache_bytes=kv_bytes),
+    )
+    limits = AdmissionLimits(settings.max_queued_requests, settings.max_queued_prompt_tokens)
+    return EngineBackend.from_config(config, settings.served_model_name, limits)
+
+
+def _announce_admin_key(secret: str, callback: AdminKeyCallback | None) -> None:
+    if callback is not None:
+        callback(secret)
+    else:
+        logger.warning(
+            "first start: admin API key (store it now, it is not shown again): %s", secret
+        )
+
+
+def create_app(
+    settings: Settings,
+    backend: ModelBackend | None = None,
+    *,
+    extra_backends: Sequence[ModelBackend] = (),
+    on_admin_key: AdminKeyCallback | None = None,
+) -> FastAPI:
+    """The app for `settings`. A given `backend` is used as is and not closed at shutdown."""
+    gate = DrainGate()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = Database(settings.db_url)
+        await asyncio.to_thread(upgrade, db.engine)
+        result = await asyncio.to_thread(bootstrap, db, settings)
+        if result.created_admin_key is not None:
+            _announce_admin_key(result.created_admin_key, on_admin_key)
+        default = backend
+        owned: tuple[ModelBackend, ...] = ()
+        if default is None:
+            default = await asyncio.to_thread(build_backend, settings)
+            owned = (default,)
+        models = ModelRegistry([default, *extra_backends])
+        ledger = UsageLedger(db, settings.ledger_flush_interval_s)
+        app.state.services = Services(settings, db, models, ledger, gate, owned)
+        try:
+            yield
+        finally:
+            gate.start_draining()
+            await gate.wait_idle(settings.drain_timeout_s)
+            app.state.services = None
+            await asyncio.to_thread(ledger.close)
+            for own in owned:
+                await own.close()
+            db.dispose()
+
+    app = FastAPI(title="talkloop", version="0.1.0", lifespan=lifespan)
+    app.state.services = None
+    install_error_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    app.add_middleware(DrainMiddleware, gate=gate)
+    app.add_middleware(RequestIdMiddleware)
+    return app

@@ -1,0 +1,136 @@
+"""The usage ledger writer: metering rows written off the response path, in batches.
+
+`UsageLedger.record` never blocks (it may be called from a cancelled stream's `finally`);
+a writer thread inserts batches idempotently by request id, retrying on database errors.
+`Meter` measures one request and records exactly one row, whatever way the request ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from talkloop.backends.base import Usage
+from talkloop.server.db.base import utcnow
+from talkloop.server.db.database import Database
+from talkloop.server.db.models import UsageStatus
+from talkloop.server.store.usage import insert_usage
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH_ROWS = 500
+WRITE_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class UsageEntry:
+    request_id: str
+    tenant_id: str
+    api_key_id: str | None
+    end_user: str | None
+    model: str
+    character_id: str | None
+    endpoint: str
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    latency_ms: int
+    status: UsageStatus
+    created_at: datetime = field(default_factory=utcnow)
+
+
+class UsageLedger:
+    def __init__(self, db: Database, flush_interval_s: float = 0.2) -> None:
+        self._db = db
+        self._interval_s = flush_interval_s
+        self._queue: queue.SimpleQueue[UsageEntry | None] = queue.SimpleQueue()
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="talkloop-ledger", daemon=True)
+        self._thread.start()
+
+    def record(self, entry: UsageEntry) -> None:
+        """Queue one row; returns at once."""
+        with self._idle:
+            self._pending += 1
+        self._queue.put(entry)
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every recorded row is written (or given up); False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self.flush(timeout_s)
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first, *self._drain(MAX_BATCH_ROWS - 1)]
+            stop = None in batch
+            entries = [entry for entry in batch if entry is not None]
+            self._write(entries)
+            with self._idle:
+                self._pending -= len(entries)
+                self._idle.notify_all()
+            if stop:
+                return
+
+    def _drain(self, limit: int) -> list[UsageEntry | None]:
+        deadline = time.monotonic() + self._interval_s
+        items: list[UsageEntry | None] = []
+        while len(items) < limit:
+            try:
+                items.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+            if items[-1] is None:
+                break
+        return items
+
+    def _write(self, entries: list[UsageEntry]) -> None:
+        rows = [dataclasses.asdict(entry) for entry in entries]
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                with self._db.session() as session:
+                    insert_usage(session, rows)
+                return
+            except Exception:
+                logger.warning("usage ledger write failed (attempt %d)", attempt, exc_info=True)
+                time.sleep(0.2 * attempt)
+        logger.error("usage ledger rows dropped after %d attempts: %s", WRITE_ATTEMPTS, rows)
+
+
+class Meter:
+    """Measures one request; `finish` records its single ledger row (later calls do nothing)."""
+
+    def __init__(self, ledger: UsageLedger, template: UsageEntry) -> None:
+        self._ledger = ledger
+        self._template = template
+        self._start = time.perf_counter()
+        self.usage = Usage(0, 0, 0)
+        self._done = False
+
+    def finish(self, status: UsageStatus) -> None:
+        if self._done:
+            return
+        self._done = True
+        entry = dataclasses.replace(
+            self._template,
+            prompt_tokens=self.usage.prompt_tokens,
+            cached_tokens=self.usage.cached_tokens,
+            completion_tokens=self.usage.completion_tokens,
+            latency_ms=round((time.perf_counter() - self._start) * 1000),
+            status=status,
+            created_at=utcnow(),
+        )
+        self._ledger.record(entry)
