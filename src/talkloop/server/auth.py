@@ -73,7 +73,7 @@ def authenticate(request: Request, session: SessionDep) -> Principal:
     found = session.execute(query).first()
     if found is None:
         raise AuthenticationError(f"incorrect API key provided: {key_prefix(secret)}...")
-    key, tenant = found.tuple()
+    key, tenant = found
     if key.revoked_at is not None:
         raise AuthenticationError(f"API key {key.prefix}... was revoked", code="revoked_api_key")
     if tenant.disabled_at is not None:

@@ -1,0 +1,83 @@
+"""What every `/v1` call shares: its context (ids, caller, model), metering, SSE framing.
+
+A `Call` is resolved once per request: the caller's tenant store resolves `model` (a backend
+or a character) through `ModelRegistry.resolve`, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from talkloop.backends.base import Usage
+from talkloop.server.auth import Principal
+from talkloop.server.db.models import UsageStatus
+from talkloop.server.ledger import Meter, UsageEntry
+from talkloop.server.model_registry import ResolvedModel
+from talkloop.server.services import Services
+from talkloop.server.store import TenantStore
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class Call:
+    request_id: str
+    principal: Principal
+    model: ResolvedModel
+    created: int  # unix seconds, as OpenAI reports it
+
+    def meter(self, services: Services, endpoint: str) -> Meter:
+        template = UsageEntry(
+            request_id=self.request_id,
+            tenant_id=self.principal.tenant_id,
+            api_key_id=self.principal.key_id,
+            end_user=self.principal.end_user,
+            model=self.model.backend.model_name,
+            character_id=self.model.character_id,
+            endpoint=endpoint,
+            prompt_tokens=0,
+            cached_tokens=0,
+            completion_tokens=0,
+            latency_ms=0,
+            status=UsageStatus.OK,
+        )
+        return Meter(services.ledger, template)
+
+
+async def resolve_call(
+    request: Request, services: Services, principal: Principal, model: str
+) -> Call:
+    def resolve() -> ResolvedModel:
+        with services.db.session() as session:
+            return services.models.resolve(model, TenantStore(session, principal.tenant_id))
+
+    resolved = await asyncio.to_thread(resolve)
+    return Call(request.state.request_id, principal, resolved, int(time.time()))
+
+
+def usage_body(usage: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+def sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)

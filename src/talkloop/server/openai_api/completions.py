@@ -1,0 +1,150 @@
+"""`POST /v1/completions` (legacy): a text or token-id prompt, streamed or not.
+
+One prompt per request (a batch of prompts is refused, as is `echo`); `logprobs` uses the
+legacy shape (tokens, token_logprobs, top_logprobs, text_offset).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from talkloop.backends.base import GenerationChunk, GenerationRequest
+from talkloop.engine.outputs import TokenLogprob
+from talkloop.server.auth import PrincipalDep
+from talkloop.server.deps import ServicesDep
+from talkloop.server.errors import BadRequestError, as_server_error
+from talkloop.server.openai_api import logprobs, sampling
+from talkloop.server.openai_api.calls import (
+    SSE_DONE,
+    Call,
+    resolve_call,
+    sse,
+    sse_response,
+    usage_body,
+)
+from talkloop.server.openai_api.generation import Generation, respond_unless_disconnected
+from talkloop.server.openai_api.schemas import CompletionRequest
+
+router = APIRouter()
+ENDPOINT = "completions"
+MAX_LEGACY_LOGPROBS = 5
+
+
+def single_prompt(body: CompletionRequest) -> str | list[int]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and isinstance(prompt[0], str | list):
+        if len(prompt) != 1:
+            raise BadRequestError(
+                f"send one prompt per request; got a batch of {len(prompt)}", param="prompt"
+            )
+        return prompt[0]
+    return prompt  # type: ignore[return-value]
+
+
+def legacy_logprobs(body: CompletionRequest) -> int | None:
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LEGACY_LOGPROBS:
+        raise BadRequestError(
+            f"logprobs must be in [0, {MAX_LEGACY_LOGPROBS}], got {body.logprobs}",
+            param="logprobs",
+        )
+    return body.logprobs
+
+
+@router.post("/completions", response_model=None)
+async def create_completion(
+    body: CompletionRequest, request: Request, principal: PrincipalDep, services: ServicesDep
+) -> Response:
+    call = await resolve_call(request, services, principal.acting_for(body.user), body.model)
+    if body.echo:
+        raise BadRequestError("echo is not supported", param="echo")
+    top = legacy_logprobs(body)
+    params = sampling.sampling_params(
+        body, body.max_tokens, services.settings.default_max_tokens, top
+    )
+    token_bytes = logprobs.token_bytes_for(call.model.backend) if top is not None else None
+    generation_request = GenerationRequest(call.request_id, params, prompt=single_prompt(body))
+    meter = call.meter(services, ENDPOINT)
+    generation = await Generation.start(call.model.backend, generation_request, meter)
+    completion = CompletionStream(call, body, token_bytes)
+    if body.stream:
+        return sse_response(completion.events(generation))
+    return await respond_unless_disconnected(request, completion.collect(generation))
+
+
+class CompletionStream:
+    def __init__(
+        self, call: Call, body: CompletionRequest, token_bytes: logprobs.TokenBytes | None
+    ) -> None:
+        self.call = call
+        self.id = f"cmpl-{call.request_id}"
+        self.n = body.n
+        self.include_usage = bool(
+            body.stream and body.stream_options and body.stream_options.include_usage
+        )
+        self.token_bytes = token_bytes
+        self.offsets = [0] * body.n  # text emitted so far per choice, for text_offset
+
+    def _body(
+        self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.call.created,
+            "model": self.call.model.name,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+        if self.include_usage:
+            body["usage"] = usage
+        return body
+
+    def _logprobs(self, items: Sequence[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
+        if self.token_bytes is None:
+            return None
+        return logprobs.completion_logprobs(items or (), self.token_bytes, offset)
+
+    def _choice(self, chunk: GenerationChunk) -> dict[str, Any]:
+        lp = self._logprobs(chunk.logprobs, self.offsets[chunk.index])
+        self.offsets[chunk.index] += len(chunk.text)
+        return {
+            "index": chunk.index,
+            "text": chunk.text,
+            "logprobs": lp,
+            "finish_reason": chunk.finish_reason,
+        }
+
+    async def events(self, generation: Generation) -> AsyncIterator[str]:
+        try:
+            async for chunk in generation.chunks():
+                yield sse(self._body([self._choice(chunk)]))
+            if self.include_usage:
+                yield sse(self._body([], usage_body(generation.usage)))
+        except Exception as exc:  # the status line is sent: report in-band
+            yield sse(as_server_error(exc).body())
+        yield SSE_DONE
+
+    async def collect(self, generation: Generation) -> dict[str, Any]:
+        texts = [""] * self.n
+        items: list[list[TokenLogprob]] = [[] for _ in range(self.n)]
+        reasons: list[str | None] = [None] * self.n
+        async for chunk in generation.chunks():
+            texts[chunk.index] += chunk.text
+            items[chunk.index] += chunk.logprobs or ()
+            reasons[chunk.index] = chunk.finish_reason or reasons[chunk.index]
+        choices = [
+            {
+                "index": i,
+                "text": texts[i],
+                "logprobs": self._logprobs(items[i], 0),
+                "finish_reason": reasons[i] or "stop",
+            }
+            for i in range(self.n)
+        ]
+        return self._body(choices) | {"usage": usage_body(generation.usage)}
