@@ -214,7 +214,7 @@ def full_logits(model: LlamaForCausalLM, tokens: list[int]) -> torch.Tensor:
         num_prefill_tokens=n,
         decode_block_tables=torch.zeros(0, 0, dtype=torch.int64),
         decode_context_lens=torch.zeros(0, dtype=torch.int64),
-        decode_mask=None,
+        decode_bias=None,
     )
     with torch.inference_mode():
         return model.compute_logits(model(ids, torch.arange(n), cache, meta))

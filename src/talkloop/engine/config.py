@@ -11,6 +11,11 @@ from typing import Literal
 
 RopeScalingType = Literal["none", "linear", "llama3", "yarn"]
 DType = Literal["float32", "bfloat16"]
+Quantization = Literal["none", "int8", "int4"]
+
+
+def torch_device_type(device: str) -> str:
+    return device.split(":", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,8 @@ class EngineConfig:
 
     model: str | None = None  # GGUF file or safetensors folder; None = the bundled model
     dtype: DType = "float32"
+    # Weight-only quantization of the linear layers (int4: group-wise, GGUF Q4_1's form).
+    quantization: Quantization = "none"
     device: str = "cpu"
     num_threads: int | None = None  # CPU threads; None = all cores
     max_model_len: int | None = None  # None = the model's context length
@@ -138,6 +145,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.quantization not in ("none", "int8", "int4"):
+            raise ValueError(
+                f"quantization must be 'none', 'int8' or 'int4', got {self.quantization!r}"
+            )
+        if self.quantization != "none" and torch_device_type(self.device) != "cpu":
+            raise ValueError("quantization int8/int4 uses CPU kernels; use device 'cpu'")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -17,6 +17,7 @@ from talkloop.engine.chat_template import ChatTemplate
 from talkloop.engine.config import EngineConfig
 from talkloop.engine.detokenizer import IncrementalDetokenizer
 from talkloop.engine.llm_engine import LLMEngine
+from talkloop.engine.models.linear import quantize_linears
 from talkloop.engine.models.llama import LlamaForCausalLM
 from talkloop.engine.output_processor import Detokenizer
 from talkloop.engine.sampling_params import SamplingParams
@@ -49,6 +50,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
     )
     model = LlamaForCausalLM(checkpoint.config, dtype=DTYPES[config.dtype], device=config.device)
     model.load_weights(checkpoint.tensors)
+    del checkpoint
+    quantize_linears(model, config.quantization)
     model.to(config.device).eval()
     seconds = time.perf_counter() - start
     logger.info("loaded %s in %.2f s", path, seconds)

@@ -100,14 +100,16 @@ class ModelRunner:
         tables = [s.seq.block_ids[:max_blocks] for s in decodes]
         padded = [t + [0] * (max_blocks - len(t)) for t in tables]
         lens = self._tensor(context_lens)
-        mask = None
+        bias = None
         if decodes:
             key_positions = torch.arange(max_blocks * block_size, device=self.device)
-            mask = (key_positions.unsqueeze(0) < lens.unsqueeze(1)).view(len(decodes), 1, 1, -1)
+            beyond = key_positions.unsqueeze(0) >= lens.unsqueeze(1)
+            bias = torch.zeros(beyond.shape, dtype=self.kv_cache.dtype, device=self.device)
+            bias = bias.masked_fill_(beyond, float("-inf")).view(len(decodes), 1, 1, -1)
         return {
             "decode_block_tables": self._tensor(padded).view(len(decodes), max_blocks),
             "decode_context_lens": lens,
-            "decode_mask": mask,
+            "decode_bias": bias,
         }
 
 

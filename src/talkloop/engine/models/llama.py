@@ -14,8 +14,9 @@ from torch import nn
 from talkloop.engine.attention import AttentionMetadata, KVCache, paged_attention
 from talkloop.engine.config import ModelConfig
 from talkloop.engine.errors import ModelLoadError
+from talkloop.engine.models.linear import Linear
 from talkloop.engine.models.moe import MoEFeedForward
-from talkloop.engine.models.rope import RotaryEmbedding
+from talkloop.engine.models.rope import RotaryEmbedding, apply_rope
 from talkloop.engine.models.weight_map import load_into
 
 
@@ -26,9 +27,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # Normalise in float32, cast back, then scale (transformers' order of operations).
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -36,7 +37,7 @@ def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, rope: RotaryEmbedding, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -44,45 +45,43 @@ class Attention(nn.Module):
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self.scale = config.head_dim**-0.5
-        self.rope = rope
-        self.qkv = _param(self.q_size + 2 * self.kv_size, config.hidden_size, dtype=dtype)
-        self.qkv_bias = _param(self.q_size + 2 * self.kv_size, dtype=dtype)
-        self.has_bias = config.attention_bias
-        self.o_proj = _param(config.hidden_size, self.q_size, dtype=dtype)
+        qkv_size = self.q_size + 2 * self.kv_size
+        self.qkv = Linear(qkv_size, config.hidden_size, config.attention_bias, dtype)
+        self.o_proj = Linear(config.hidden_size, self.q_size, False, dtype)
 
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        qkv = F.linear(x, self.qkv, self.qkv_bias if self.has_bias else None)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rope.apply(q, k, positions)
+        heads = self.qkv(x).view(x.shape[0], -1, self.head_dim)  # [T, H + 2 Hkv, D]
+        num_qk = self.num_heads + self.num_kv_heads
+        qk = apply_rope(heads[:, :num_qk], *rope)  # q and k rotated together
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = heads[:, num_qk:]
         out = paged_attention(q, k, v, cache[0], cache[1], meta, self.scale)
-        return F.linear(out.flatten(1), self.o_proj)
+        return self.o_proj(out.flatten(1))
 
 
 class DenseFeedForward(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
-        self.gate_up = _param(2 * config.intermediate_size, config.hidden_size, dtype=dtype)
-        self.down = _param(config.hidden_size, config.intermediate_size, dtype=dtype)
+        inter = config.intermediate_size
+        self.gate_up = Linear(2 * inter, config.hidden_size, False, dtype)
+        self.down = Linear(config.hidden_size, inter, False, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rope: RotaryEmbedding, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.attn = Attention(config, rope, dtype)
+        self.attn = Attention(config, dtype)
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp: nn.Module = (
             MoEFeedForward(config, dtype) if config.is_moe else DenseFeedForward(config, dtype)
@@ -91,11 +90,11 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), positions, cache, meta)
+        x = x + self.attn(self.input_norm(x), rope, cache, meta)
         return x + self.mlp(self.post_attn_norm(x))
 
 
@@ -113,13 +112,12 @@ class LlamaForCausalLM(nn.Module):
             device,
         )
         self.embed_tokens = _param(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, rope, dtype) for _ in range(config.num_layers)
-        )
+        self.rope = rope
+        self.layers = nn.ModuleList(DecoderLayer(config, dtype) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.lm_head = self.embed_tokens
-        if not config.tie_word_embeddings:
-            self.lm_head = _param(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.lm_head = Linear(config.vocab_size, config.hidden_size, False, dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens
 
     def forward(
         self,
@@ -130,13 +128,14 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions [T] -> hidden states [T, D] (after the final norm)."""
         x = F.embedding(input_ids, self.embed_tokens)
+        rope = self.rope.tables(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, (kv_cache.keys[i], kv_cache.values[i]), meta)
+            x = layer(x, rope, (kv_cache.keys[i], kv_cache.values[i]), meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, D] -> float32 logits [N, V]."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy canonical tensors into the fused parameters (missing or extra names fail)."""

@@ -81,18 +81,20 @@ class RotaryEmbedding:
         self.cos = (freqs.cos() * attention_factor).to(torch.float32).to(device)
         self.sin = (freqs.sin() * attention_factor).to(torch.float32).to(device)
 
-    def apply(
-        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+    def tables(
+        self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q [T, H, D] and k [T, Hkv, D] at `positions` [T]."""
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        """cos and sin for `positions` [T], each [T, 1, D] (halves repeated), in `dtype`.
+
+        Built once per forward and shared by every layer.
+        """
+        cos = self.cos[positions].repeat(1, 2).unsqueeze(1)
+        sin = self.sin[positions].repeat(1, 2).unsqueeze(1)
+        return cos.to(dtype), sin.to(dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, D]: x * cos + rotate_half(x) * sin (transformers' convention)."""
     half = x.shape[-1] // 2
-    x1 = x[..., :half].float()
-    x2 = x[..., half:].float()
-    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin): rotate_half convention.
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

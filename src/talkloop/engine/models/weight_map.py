@@ -27,16 +27,22 @@ def _cat(tensors: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
 
 def _load_attention(attn: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
     proj = [f"{prefix}.self_attn.{p}_proj" for p in ("q", "k", "v")]
-    _copy(attn.qkv, _cat(tensors, [f"{p}.weight" for p in proj]), f"{prefix}.self_attn.qkv")
-    if attn.has_bias:
-        _copy(attn.qkv_bias, _cat(tensors, [f"{p}.bias" for p in proj]), f"{prefix}.qkv.bias")
-    _copy(attn.o_proj, tensors[f"{prefix}.self_attn.o_proj.weight"], f"{prefix}.o_proj")
+    qkv = _cat(tensors, [f"{p}.weight" for p in proj])
+    _copy(attn.qkv.weight, qkv, f"{prefix}.self_attn.qkv")
+    if attn.qkv.bias is not None:
+        _copy(attn.qkv.bias, _cat(tensors, [f"{p}.bias" for p in proj]), f"{prefix}.qkv.bias")
+    _copy(attn.o_proj.weight, tensors[f"{prefix}.self_attn.o_proj.weight"], f"{prefix}.o_proj")
 
 
 def _load_dense(mlp: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
     gate_up = _cat(tensors, [f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"])
-    _copy(mlp.gate_up, gate_up, f"{prefix}.gate_up")
-    _copy(mlp.down, tensors[f"{prefix}.down_proj.weight"], f"{prefix}.down_proj.weight")
+    _copy(_weight(mlp.gate_up), gate_up, f"{prefix}.gate_up")
+    _copy(_weight(mlp.down), tensors[f"{prefix}.down_proj.weight"], f"{prefix}.down_proj.weight")
+
+
+def _weight(layer: nn.Module | torch.Tensor) -> torch.Tensor:
+    """The weight tensor of a `Linear` (dense MLP) or a raw parameter (the shared expert)."""
+    return layer if isinstance(layer, torch.Tensor) else layer.weight
 
 
 def _load_moe(moe: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
@@ -56,7 +62,7 @@ def load_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     _copy(model.embed_tokens, tensors["model.embed_tokens.weight"], "model.embed_tokens.weight")
     _copy(model.norm.weight, tensors["model.norm.weight"], "model.norm.weight")
     if not model.config.tie_word_embeddings:
-        _copy(model.lm_head, tensors["lm_head.weight"], "lm_head.weight")
+        _copy(model.lm_head.weight, tensors["lm_head.weight"], "lm_head.weight")
     for i, layer in enumerate(model.layers):
         prefix = f"model.layers.{i}"
         _copy(layer.input_norm.weight, tensors[f"{prefix}.input_layernorm.weight"], prefix)
