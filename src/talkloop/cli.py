@@ -1,4 +1,4 @@
-"""The `talkloop` command: `chat` in the terminal, `generate` one prompt.
+"""The `talkloop` command: `chat` in the terminal, `generate` one prompt, `serve` the API.
 
 The CLI is the one place that prints; the library logs.
 """
@@ -24,6 +24,12 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument("--model", help="GGUF file or safetensors folder (default: bundled)")
     group.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    group.add_argument(
+        "--quantization",
+        choices=["none", "int8", "int4"],
+        default="int4",
+        help="weight-only quantization of linear layers (int4 keeps a Q4 GGUF's precision)",
+    )
     group.add_argument("--device", default="cpu")
     group.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     group.add_argument("--max-model-len", type=int, help="context window to serve")
@@ -132,6 +138,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from talkloop.server.serve import configure_logging, serve
+    from talkloop.server.settings import Settings
+
+    flags = {
+        "config_file": args.config,
+        "host": args.host,
+        "port": args.port,
+        "model": args.model,
+        "dtype": args.dtype,
+        "data_dir": args.data_dir,
+        "dev_mode": args.dev or None,
+    }
+    settings = Settings(**{name: value for name, value in flags.items() if value is not None})
+    configure_logging(logging.INFO if args.verbose else logging.WARNING)
+
+    def show_admin_key(secret: str) -> None:
+        print(f"talkloop: created the admin API key (shown once, store it now):\n  {secret}")
+        sys.stdout.flush()
+
+    serve(settings, on_admin_key=show_admin_key)
+    return 0
+
+
 CHAT_HELP = "/reset clears the conversation, /system TEXT sets the system prompt, /quit exits"
 
 
@@ -201,6 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(gen)
     _add_sampling_args(gen, max_tokens=256)
     gen.set_defaults(func=cmd_generate)
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible API (settings: TALKLOOP_*)")
+    srv.add_argument("--config", help="TOML or JSON settings file")
+    srv.add_argument("--host", help="bind address (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="port (default 8000)")
+    srv.add_argument("--model", help="GGUF file or safetensors folder (default: bundled)")
+    srv.add_argument("--dtype", choices=["float32", "bfloat16"])
+    srv.add_argument("--data-dir", help="database and files (default ./data or XDG)")
+    srv.add_argument("--dev", action="store_true", help="dev mode: allow default secrets")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -96,6 +96,7 @@ def create_app(
 
     app = FastAPI(title="talkloop", version="0.1.0", lifespan=lifespan)
     app.state.services = None
+    app.state.drain_gate = gate
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
