@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.engine.tiny import (
+    assert_no_leaked_blocks,
     greedy,
     reference_greedy,
     run_to_completion,
@@ -33,7 +34,7 @@ def test_concurrent_greedy_matches_reference(kind: str) -> None:
     got = run_to_completion(engine)
     for i, prompt in enumerate(prompts):
         assert got[f"r{i}:0"] == reference_greedy(model, prompt, 20)[:20], f"request r{i}"
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert_no_leaked_blocks(engine)
 
 
 def test_preemption_happens_and_output_is_unchanged() -> None:
@@ -48,7 +49,7 @@ def test_preemption_happens_and_output_is_unchanged() -> None:
     assert sum(s.num_preemptions for s in seqs) > 0
     for i, prompt in enumerate(prompts):
         assert got[f"r{i}:0"] == reference_greedy(model, prompt, 24)
-    assert engine.block_manager.num_free_blocks == 16
+    assert_no_leaked_blocks(engine)
 
 
 def test_requests_joining_mid_flight_match_reference() -> None:

@@ -12,6 +12,7 @@ from talkloop.engine.output_processor import TextState, append_text, take_delta
 from talkloop.engine.sampling_params import SamplingParams
 from talkloop.engine.sequence import FinishReason, Sequence
 from tests.engine.tiny import (
+    assert_no_leaked_blocks,
     ByteDetokenizer,
     encode_bytes,
     greedy,
@@ -114,7 +115,7 @@ def test_abort_frees_blocks_and_others_continue() -> None:
     assert "a:0" not in tokens
     # a sampled once per early step (3 tokens); b finished all 5 of its tokens.
     assert sum(len(t) for t in early) + len(tokens["b:0"]) == 3 + 5
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert_no_leaked_blocks(engine)
 
 
 @pytest.mark.parametrize(
@@ -135,7 +136,7 @@ def test_bad_requests_are_refused_and_others_keep_running(prompt, params, field)
         engine.add_request("bad", prompt, params)
     assert info.value.param == field and field in str(info.value)
     assert len(run_to_completion(engine)["good:0"]) == 4
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert_no_leaked_blocks(engine)
 
 
 def test_duplicate_request_id_is_refused() -> None:
@@ -173,7 +174,7 @@ def test_async_streams_concurrently_and_cancellation_frees_blocks() -> None:
     try:
         results = asyncio.run(main())
         assert results == [expected, expected]
-        free = async_engine.call(lambda e: e.block_manager.num_free_blocks).result(timeout=5)
+        free = async_engine.call(lambda e: e.block_manager.num_available_blocks).result(timeout=5)
         assert free == engine.block_manager.num_blocks
         assert async_engine.call(lambda e: e.num_requests).result(timeout=5) == 0
     finally:

@@ -149,6 +149,7 @@ def tiny_engine(
     block_size: int = 4,
     max_num_seqs: int = 16,
     max_num_batched_tokens: int = 32,
+    prefix_cache: bool = True,
 ) -> LLMEngine:
     from talkloop.engine.attention import KVCache
 
@@ -160,7 +161,11 @@ def tiny_engine(
         next(model.parameters()).dtype,
     )
     config = EngineConfig(
-        cache=CacheConfig(block_size=block_size, kv_cache_bytes=num_blocks * per_block),
+        cache=CacheConfig(
+            block_size=block_size,
+            kv_cache_bytes=num_blocks * per_block,
+            enable_prefix_cache=prefix_cache,
+        ),
         scheduler=SchedulerConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
@@ -225,3 +230,15 @@ def greedy(max_tokens: int = 16, **kw: Any) -> SamplingParams:
 
 
 __all__ = ["RopeScaling"]
+
+
+def assert_no_leaked_blocks(engine: LLMEngine) -> None:
+    """Every block is free or held only by the prefix cache with no users."""
+    blocks = engine.block_manager
+    assert blocks.num_available_blocks == blocks.num_blocks
+    if blocks.cache is not None:
+        freed = blocks.cache.reset()
+        blocks._free.extend(freed)
+        assert blocks.cache.num_cached_blocks == 0
+    assert blocks.num_free_blocks == blocks.num_blocks
+    assert sorted(blocks._free) == list(range(blocks.num_blocks))

@@ -136,11 +136,17 @@ class EngineBackend:
     def stats(self) -> Mapping[str, float]:
         engine = self._engine
         blocks = engine.block_manager
+        cache = blocks.cache
         return {
             "num_requests_running": float(len(engine.scheduler.running)),
             "num_requests_waiting": float(len(engine.scheduler.waiting)),
-            "kv_cache_usage_perc": 1.0 - blocks.num_free_blocks / blocks.num_blocks,
+            # Blocks in use by live requests (cached blocks nobody uses count as free).
+            "kv_cache_usage_perc": 1.0 - blocks.num_available_blocks / blocks.num_blocks,
             "requests_in_flight": float(self._in_flight),
+            "prefix_cache_queries_tokens": float(cache.num_query_tokens if cache else 0),
+            "prefix_cache_hits_tokens": float(cache.num_hit_tokens if cache else 0),
+            "prefix_cache_hit_rate": cache.hit_rate if cache else 0.0,
+            "prefix_cache_blocks": float(cache.num_cached_blocks if cache else 0),
         }
 
     async def close(self) -> None:

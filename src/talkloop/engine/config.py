@@ -92,6 +92,7 @@ class CacheConfig:
     """Paged KV cache: fixed-size blocks preallocated once within a memory budget."""
 
     block_size: int = 16
+    enable_prefix_cache: bool = True
     kv_cache_bytes: int | None = None  # explicit budget; wins over the fraction
     kv_cache_fraction: float = 0.05  # of total system (or device) memory when no bytes given
     min_kv_cache_bytes: int = 64 << 20
@@ -113,6 +114,8 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill + decodes)
     watermark_fraction: float = 0.01  # free blocks kept when admitting new sequences
+    cache_aware_window: int = 8  # waiting requests considered for the longest cached prefix
+    max_skips: int = 4  # a request passed over this often is admitted next
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

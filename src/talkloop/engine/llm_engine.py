@@ -53,7 +53,7 @@ class LLMEngine:
         dtype = next(model.parameters()).dtype
         num_blocks = kv_cache_num_blocks(config, model.config, dtype)
         block_size = config.cache.block_size
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, config.cache.enable_prefix_cache)
         cache = KVCache(
             model.config.num_layers,
             num_blocks,
@@ -113,6 +113,7 @@ class LLMEngine:
             return self._fail({s.seq.request_id for s in scheduled.scheduled}, exc)
         for item in scheduled.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(item.seq)
         return self._postprocess(seqs, sampled)
 
     def _postprocess(
@@ -152,7 +153,8 @@ class LLMEngine:
             for seq in seqs:
                 self._text.pop(seq.seq_id, None)
         num_prompt = len(seqs[0].prompt_token_ids)
-        return RequestOutput(request_id, deltas, finished, num_prompt)
+        num_cached = seqs[0].num_cached_tokens
+        return RequestOutput(request_id, deltas, finished, num_prompt, num_cached)
 
     def _fail(self, request_ids: set[str], exc: Exception) -> list[RequestOutput]:
         outputs = []

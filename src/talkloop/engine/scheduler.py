@@ -7,6 +7,7 @@ allow. When blocks run out the latest-arrived running sequence is preempted by r
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
@@ -82,19 +83,33 @@ class Scheduler:
     def _schedule_waiting(self, budget: int) -> list[ScheduledSeq]:
         scheduled: list[ScheduledSeq] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self._pick_waiting()
+            self.block_manager.match_prefix(seq)
             num_new = min(seq.num_uncomputed_tokens, budget)
             target = seq.num_computed_tokens + num_new
             needed = self.block_manager.blocks_needed(seq, target)
-            if needed + self._watermark_blocks > self.block_manager.num_free_blocks:
+            if needed + self._watermark_blocks > self.block_manager.num_available_blocks:
+                self.block_manager.free(seq)  # undo the match; try again next step
+                seq.num_computed_tokens = 0
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
+            for other in self.waiting:
+                other.num_skips += other.arrival_time < seq.arrival_time
             self.block_manager.allocate(seq, target)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         return scheduled
+
+    def _pick_waiting(self) -> Sequence:
+        """Cache-aware order: within a small window of the queue, prefer the longest cached
+        prefix; a request passed over `max_skips` times goes first (no starvation)."""
+        head = self.waiting[0]
+        if head.num_skips >= self.config.max_skips or self.block_manager.cache is None:
+            return head
+        window = list(itertools.islice(self.waiting, self.config.cache_aware_window))
+        return max(window, key=self.block_manager.peek_cached_tokens)  # ties: earliest
 
     def _preempt(self, seq: Sequence) -> None:
         """Preempt by recompute: drop the cache, keep the tokens, go back to the queue front."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -42,6 +43,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None
     num_preemptions: int = 0
+    cache_nodes: list[Any] = field(default_factory=list)  # prefix-cache path (shared blocks)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
+    num_skips: int = 0  # times a later arrival was admitted first (cache-aware scheduling)
 
     @property
     def token_ids(self) -> list[int]:
