@@ -12,8 +12,8 @@ from talkloop.engine.output_processor import TextState, append_text, take_delta
 from talkloop.engine.sampling_params import SamplingParams
 from talkloop.engine.sequence import FinishReason, Sequence
 from tests.engine.tiny import (
-    assert_no_leaked_blocks,
     ByteDetokenizer,
+    assert_no_leaked_blocks,
     encode_bytes,
     greedy,
     run_to_completion,
