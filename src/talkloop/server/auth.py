@@ -11,13 +11,12 @@ from dataclasses import dataclass, replace
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy import select
 
-from talkloop.server.db.models import ApiKey, KeyScope, Tenant
+from talkloop.server.db.models import KeyScope
 from talkloop.server.deps import SessionDep
 from talkloop.server.errors import AuthenticationError, BadRequestError, PermissionDeniedError
-from talkloop.server.keys import MAX_KEY_CHARS, hash_api_key, key_prefix
-from talkloop.server.store import TenantStore
+from talkloop.server.keys import MAX_KEY_CHARS, key_prefix
+from talkloop.server.store import PlatformStore, TenantStore
 
 END_USER_HEADER = "X-Talkloop-User"
 MAX_END_USER_CHARS = 256
@@ -65,12 +64,7 @@ def authenticate(request: Request, session: SessionDep) -> Principal:
     secret = bearer_token(request)
     if len(secret) > MAX_KEY_CHARS:
         raise AuthenticationError("incorrect API key provided")
-    query = (
-        select(ApiKey, Tenant)
-        .join(Tenant, Tenant.id == ApiKey.tenant_id)
-        .where(ApiKey.key_hash == hash_api_key(secret))
-    )
-    found = session.execute(query).first()
+    found = PlatformStore(session).key_and_tenant(secret)
     if found is None:
         raise AuthenticationError(f"incorrect API key provided: {key_prefix(secret)}...")
     key, tenant = found

@@ -6,6 +6,8 @@ that start together migrate one at a time.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
 
 from alembic import command
@@ -15,6 +17,18 @@ from sqlalchemy import Connection, Engine, text
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 PG_MIGRATION_LOCK = 0x74616C6B  # "talk": arbitrary, fixed advisory lock id
+
+
+TABLE_PACKAGES = ("talkloop.server.db", "talkloop.server.store")
+
+
+def import_table_modules() -> None:
+    """Import every module that may declare tables, so `Base.metadata` holds them all."""
+    for package_name in TABLE_PACKAGES:
+        package = importlib.import_module(package_name)
+        for module in pkgutil.iter_modules(package.__path__, f"{package_name}."):
+            if module.name != f"{package_name}.migrations":
+                importlib.import_module(module.name)
 
 
 def alembic_config(connection: Connection | None = None, url: str | None = None) -> Config:

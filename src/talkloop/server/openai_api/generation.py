@@ -9,13 +9,14 @@ backend stream aborts the engine request, which frees its KV cache blocks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from talkloop.backends.base import GenerationChunk, GenerationRequest, ModelBackend, Usage
+from talkloop.backends.engine_backend import EngineBackend
 from talkloop.server.db.models import UsageStatus
 from talkloop.server.ledger import Meter
 
@@ -26,13 +27,27 @@ class ClientDisconnectedError(Exception):
     """The client went away before a non-streamed response was ready."""
 
 
+def prompt_tokens_of(backend: ModelBackend, request: GenerationRequest) -> int:
+    """The prompt's token count when a stream ended before its usage arrived (0 if unknown)."""
+    if isinstance(backend, EngineBackend):
+        return len(backend.prompt_token_ids(request))
+    return 0
+
+
 class Generation:
     def __init__(
-        self, stream: AsyncIterator[GenerationChunk], first: GenerationChunk | None, meter: Meter
+        self,
+        stream: AsyncIterator[GenerationChunk],
+        first: GenerationChunk | None,
+        meter: Meter,
+        count_prompt: Callable[[], int],
     ) -> None:
         self._stream = stream
         self._first = first
         self._meter = meter
+        self._count_prompt = count_prompt
+        self._completion_tokens = 0
+        self._final_usage: Usage | None = None
 
     @classmethod
     async def start(
@@ -44,7 +59,7 @@ class Generation:
         except BaseException:
             meter.finish(UsageStatus.REJECTED)
             raise
-        return cls(stream, first, meter)
+        return cls(stream, first, meter, lambda: prompt_tokens_of(backend, request))
 
     async def chunks(self) -> AsyncIterator[GenerationChunk]:
         status = UsageStatus.ERROR
@@ -59,21 +74,31 @@ class Generation:
             raise
         finally:
             await _close(self._stream)
-            self._meter.finish(status)
+            self._finish(status)
 
     @property
     def usage(self) -> Usage:
-        return self._meter.usage
+        """The backend's usage once the stream ended (zeros before)."""
+        return self._final_usage or Usage(0, 0, 0)
 
     async def close(self) -> None:
         """Give up on a generation that was started but will not be read."""
         await _close(self._stream)
-        self._meter.finish(UsageStatus.CLIENT_DISCONNECTED)
+        self._finish(UsageStatus.CLIENT_DISCONNECTED)
 
     def _track(self, chunk: GenerationChunk) -> GenerationChunk:
+        self._completion_tokens += len(chunk.token_ids)
         if chunk.usage is not None:
-            self._meter.usage = chunk.usage
+            self._final_usage = chunk.usage
         return chunk
+
+    def _finish(self, status: UsageStatus) -> None:
+        """Meter what was used: the backend's usage, or (a broken stream) what was seen."""
+        usage = self._final_usage
+        if usage is None:
+            usage = Usage(self._count_prompt(), self._completion_tokens, 0)
+        self._meter.usage = usage
+        self._meter.finish(status)
 
 
 async def _close(stream: AsyncIterator[GenerationChunk]) -> None:

@@ -48,6 +48,16 @@ class PlatformStore:
         """The store of an existing tenant (NotFoundError otherwise)."""
         return TenantStore(self.session, self.get_tenant(tenant_id).id)
 
+    def key_and_tenant(self, secret: str) -> tuple[ApiKey, Tenant] | None:
+        """The key whose hash matches `secret` and its tenant (revoked or not), in one query."""
+        query = (
+            select(ApiKey, Tenant)
+            .join(Tenant, Tenant.id == ApiKey.tenant_id)
+            .where(ApiKey.key_hash == hash_api_key(secret))
+        )
+        found = self.session.execute(query).first()
+        return None if found is None else (found[0], found[1])
+
     def key_by_secret(self, secret: str) -> ApiKey | None:
         """The key whose hash matches `secret`, revoked or not."""
         query = select(ApiKey).where(ApiKey.key_hash == hash_api_key(secret))

@@ -8,8 +8,10 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, create_engine
 
-from talkloop.server.db import models  # noqa: F401  (registers the tables)
 from talkloop.server.db.base import Base
+from talkloop.server.db.migrate import import_table_modules
+
+import_table_modules()  # every table, wherever it is declared
 
 
 def _run(connection: Connection) -> None:
