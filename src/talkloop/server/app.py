@@ -26,12 +26,18 @@ from talkloop.server.errors import install_error_handlers
 from talkloop.server.ledger import UsageLedger
 from talkloop.server.middleware import DrainGate, DrainMiddleware, RequestIdMiddleware
 from talkloop.server.model_registry import ModelRegistry
+from talkloop.server.native_api import router as native_api_router
 from talkloop.server.services import Services
 from talkloop.server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-ROUTERS: tuple[APIRouter, ...] = (health.router, admin_api.router, openai_api.router)
+ROUTERS: tuple[APIRouter, ...] = (
+    health.router,
+    admin_api.router,
+    openai_api.router,
+    native_api_router,
+)
 AdminKeyCallback = Callable[[str], None]
 
 

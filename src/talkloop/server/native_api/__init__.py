@@ -1,0 +1,21 @@
+"""The native API (`/api`): characters, world books, personas, conversations and their
+messages (SSE replies), feedback. One router module per resource; data goes through
+`store.native.NativeStore`, scoped to the caller's tenant (and end-user where owned).
+"""
+
+from fastapi import APIRouter
+
+from talkloop.server.native_api import (
+    characters,
+    conversations,
+    feedback,
+    messages,
+    personas,
+    world_books,
+)
+
+router = APIRouter(prefix="/api")
+for module in (characters, world_books, personas, conversations, messages, feedback):
+    router.include_router(module.router)
+
+__all__ = ["router"]
