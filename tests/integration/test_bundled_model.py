@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from talkloop.engine.config import EngineConfig
+from talkloop.engine.config import CacheConfig, EngineConfig
 from talkloop.engine.loader import LoadedModel, build_engine, load_model
 from talkloop.engine.sampling_params import SamplingParams
 
@@ -64,7 +64,9 @@ def _hf_greedy(model: transformers.LlamaForCausalLM, ids: list[int], num: int) -
 
 
 def test_greedy_matches_transformers_for_five_chat_prompts(loaded: LoadedModel) -> None:
-    engine = build_engine(EngineConfig(dtype="float32"), loaded)
+    engine = build_engine(
+        EngineConfig(dtype="float32", cache=CacheConfig(kv_cache_bytes=64 << 20)), loaded
+    )
     hf = _hf_model(loaded)
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     prompts = []
@@ -98,3 +100,27 @@ def test_bundled_model_answers_sensibly(loaded: LoadedModel) -> None:
             reason = out.deltas[0].finish_reason or reason
     assert "Paris" in text
     assert reason == "stop" and "<|im_end|>" not in text
+
+
+def test_ngram_speculation_keeps_greedy_output_on_the_bundled_model(loaded: LoadedModel) -> None:
+    from talkloop.engine.config import SpeculativeConfig
+
+    text = "Repeat this list exactly three times: apple, banana, cherry, date, elderberry."
+    rendered = loaded.chat_template.render([{"role": "user", "content": text}])
+    ids = loaded.tokenizer.encode(rendered, add_special_tokens=False)
+    outputs = {}
+    for method in ("none", "ngram"):
+        config = EngineConfig(
+            dtype="float32",
+            cache=CacheConfig(kv_cache_bytes=64 << 20),
+            speculative=SpeculativeConfig(method=method),
+        )
+        engine = build_engine(config, loaded)
+        engine.add_request("a", ids, SamplingParams(max_tokens=48, temperature=0.0))
+        tokens: list[int] = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens += out.deltas[0].token_ids
+        outputs[method] = (tokens, engine.speculator.num_accepted_tokens)
+    assert outputs["ngram"][0] == outputs["none"][0]
+    assert outputs["ngram"][1] > 0  # the repeated list is proposed by prompt lookup

@@ -130,6 +130,33 @@ class SchedulerConfig:
             )
 
 
+SpeculativeMethod = Literal["none", "ngram"]
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: who proposes drafts and when it is worth it."""
+
+    method: SpeculativeMethod = "none"
+    num_speculative_tokens: int = 4
+    max_batch_size: int = 4  # above this many running sequences a step is compute bound
+    min_acceptance_rate: float = 0.25  # below it, a sequence pauses speculation for a while
+    ngram_max: int = 4
+    ngram_min: int = 2
+
+    def __post_init__(self) -> None:
+        if self.method not in ("none", "ngram"):
+            raise ValueError(f"speculative method must be 'none' or 'ngram', got {self.method!r}")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(
+                f"num_speculative_tokens must be in 1..16, got {self.num_speculative_tokens}"
+            )
+        if not 0.0 <= self.min_acceptance_rate <= 1.0:
+            raise ValueError(
+                f"min_acceptance_rate must be in [0, 1], got {self.min_acceptance_rate}"
+            )
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """What to load and how to run it."""
@@ -144,6 +171,7 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):

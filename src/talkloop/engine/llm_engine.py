@@ -17,7 +17,7 @@ from talkloop.engine.attention import KVCache
 from talkloop.engine.block_manager import BlockManager
 from talkloop.engine.config import EngineConfig
 from talkloop.engine.errors import InvalidRequestError
-from talkloop.engine.model_runner import ModelRunner
+from talkloop.engine.model_runner import ModelRunner, RunnerOutput
 from talkloop.engine.models.llama import LlamaForCausalLM
 from talkloop.engine.output_processor import (
     Detokenizer,
@@ -31,6 +31,7 @@ from talkloop.engine.sampler import SamplerOutput
 from talkloop.engine.sampling_params import SamplingParams
 from talkloop.engine.scheduler import Scheduler
 from talkloop.engine.sequence import FinishReason, Sequence
+from talkloop.engine.speculative import Speculator
 from talkloop.engine.system import kv_cache_num_blocks, setup_torch
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class LLMEngine:
         )
         self.runner = ModelRunner(model, cache, self.block_manager, config.device)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.speculator = Speculator(config.speculative)
         self.stop_token_ids = frozenset(stop_token_ids)
         self._detokenizer_factory = detokenizer_factory
         self._requests: dict[str, list[Sequence]] = {}
@@ -103,35 +105,46 @@ class LLMEngine:
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        scheduled = self.scheduler.schedule()
+        self.speculator.plan(self.scheduler.running, self.max_model_len)
+        scheduled = self.speculator.attach_drafts(self.scheduler.schedule())
         if not scheduled.scheduled:
             return []
         try:
-            seqs, sampled = self.runner.run(scheduled)
+            out = self.runner.run(scheduled)
+            accepted = self.speculator.verify(out.verify_seqs, out.verify_logits)
         except Exception as exc:  # a failed forward fails its batch, never the engine
             logger.exception("model step failed")
             return self._fail({s.seq.request_id for s in scheduled.scheduled}, exc)
         for item in scheduled.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
+            tokens = accepted.get(item.seq.seq_id)
+            # Verified KV: the last real token plus the accepted drafts (= len(tokens)).
+            item.seq.num_computed_tokens += len(tokens) if tokens else item.num_new_tokens
             self.block_manager.cache_full_blocks(item.seq)
-        return self._postprocess(seqs, sampled)
+        return self._postprocess(out, accepted)
 
     def _postprocess(
-        self, seqs: tuple[Sequence, ...], sampled: SamplerOutput | None
+        self, out: RunnerOutput, accepted: dict[int, list[int]]
     ) -> list[RequestOutput]:
-        if sampled is None:
-            return []
-        token_ids = sampled.token_ids.tolist()
         touched: dict[str, None] = {}
-        for row, (seq, token_id) in enumerate(zip(seqs, token_ids, strict=True)):
-            self._append(seq, token_id, row, sampled)
+        if out.sampled is not None:
+            token_ids = out.sampled.token_ids.tolist()
+            for row, (seq, token_id) in enumerate(zip(out.sampled_seqs, token_ids, strict=True)):
+                self._append(seq, token_id, row, out.sampled)
+                touched[seq.request_id] = None
+        for seq, _ in out.verify_seqs:
+            for token_id in accepted[seq.seq_id]:
+                if seq.is_finished:
+                    break
+                self._append(seq, token_id)
             touched[seq.request_id] = None
         return [self._request_output(request_id) for request_id in touched]
 
-    def _append(self, seq: Sequence, token_id: int, row: int, sampled: SamplerOutput) -> None:
+    def _append(
+        self, seq: Sequence, token_id: int, row: int = 0, sampled: SamplerOutput | None = None
+    ) -> None:
         seq.append_token(token_id)
         state = self._text[seq.seq_id]
-        if sampled.logprobs is not None and seq.params.logprobs is not None:
+        if sampled is not None and sampled.logprobs is not None and seq.params.logprobs is not None:
             state.pending_logprobs.append(
                 _token_logprob(sampled, row, token_id, seq.params.logprobs)
             )

@@ -25,6 +25,16 @@ class StepInputs:
     meta: AttentionMetadata
     logit_rows: torch.Tensor  # [N] rows of the hidden states to sample from
     sampled_seqs: tuple[Sequence, ...]
+    verify_rows: torch.Tensor  # [M] rows scored for speculative verification
+    verify_seqs: tuple[tuple[Sequence, int], ...]  # (sequence, number of its rows: k + 1)
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    sampled_seqs: tuple[Sequence, ...]
+    sampled: SamplerOutput | None
+    verify_seqs: tuple[tuple[Sequence, int], ...]
+    verify_logits: torch.Tensor | None  # [M, V] float32, rows grouped per sequence
 
 
 class ModelRunner:
@@ -41,14 +51,18 @@ class ModelRunner:
         self.device = torch.device(device)
 
     @torch.inference_mode()
-    def run(self, output: SchedulerOutput) -> tuple[tuple[Sequence, ...], SamplerOutput | None]:
-        """Compute the scheduled tokens; return the sequences that sampled and their tokens."""
+    def run(self, output: SchedulerOutput) -> RunnerOutput:
+        """Compute the scheduled tokens; sample where due, score drafts where speculating."""
         inputs = self.prepare(output)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
-        if not inputs.sampled_seqs:
-            return (), None
-        logits = self.model.compute_logits(hidden[inputs.logit_rows])
-        return inputs.sampled_seqs, sample(logits, build_sampling_batch(inputs.sampled_seqs))
+        sampled = None
+        if inputs.sampled_seqs:
+            logits = self.model.compute_logits(hidden[inputs.logit_rows])
+            sampled = sample(logits, build_sampling_batch(inputs.sampled_seqs))
+        verify_logits = None
+        if inputs.verify_seqs:
+            verify_logits = self.model.compute_logits(hidden[inputs.verify_rows])
+        return RunnerOutput(inputs.sampled_seqs, sampled, inputs.verify_seqs, verify_logits)
 
     def prepare(self, output: SchedulerOutput) -> StepInputs:
         prefills = [s for s in output.scheduled if s.num_new_tokens > 1]
@@ -59,15 +73,22 @@ class ModelRunner:
         chunks: list[PrefillChunk] = []
         logit_rows: list[int] = []
         sampled: list[Sequence] = []
+        verify_rows: list[int] = []
+        verifying: list[tuple[Sequence, int]] = []
         for item in prefills + decodes:
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_new_tokens
             if item.num_new_tokens > 1:
                 chunks.append(self._chunk(item, len(token_ids)))
-            token_ids.extend(seq.token_ids[start:end])
+            token_ids.extend(seq.token_ids[start : end - item.num_draft_tokens])
+            token_ids.extend(seq.draft_token_ids[: item.num_draft_tokens])
             positions.extend(range(start, end))
             slots.extend(self.block_manager.slot(seq, p) for p in range(start, end))
-            if item.samples:
+            if item.num_draft_tokens:
+                num_rows = item.num_draft_tokens + 1  # the last real token and each draft
+                verify_rows.extend(range(len(token_ids) - num_rows, len(token_ids)))
+                verifying.append((seq, num_rows))
+            elif item.samples:
                 logit_rows.append(len(token_ids) - 1)
                 sampled.append(seq)
         meta = AttentionMetadata(
@@ -82,6 +103,8 @@ class ModelRunner:
             meta,
             self._tensor(logit_rows),
             tuple(sampled),
+            self._tensor(verify_rows),
+            tuple(verifying),
         )
 
     def _tensor(self, values: list[int]) -> torch.Tensor:

@@ -105,6 +105,17 @@ def _needs_filtering(batch: SamplingBatch) -> bool:
     return bool((batch.top_ks > 0).any() or (batch.top_ps < 1).any() or (batch.min_ps > 0).any())
 
 
+def target_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The distribution each row samples from (bias, temperature, top-k/p, min-p applied).
+
+    Used to verify speculative drafts; rows with temperature 0 keep argmax order."""
+    logits = apply_logit_bias(logits, batch)
+    scaled = logits / batch.temperatures.clamp(min=1e-5).unsqueeze(1).to(logits.device)
+    if _needs_filtering(batch):
+        scaled = apply_top_k_top_p_min_p(scaled, batch)
+    return scaled.softmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """logits [N, V] float32 -> one token per row (plus logprobs when asked)."""
     raw_logprobs = logits.log_softmax(dim=-1) if batch.max_num_logprobs is not None else None

@@ -19,12 +19,14 @@ from talkloop.engine.sequence import Sequence, SequenceStatus
 @dataclass(frozen=True)
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int
+    num_new_tokens: int  # includes draft tokens when speculating
+    num_draft_tokens: int = 0
 
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the end of the sequence, so a token is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        end = self.seq.num_computed_tokens + self.num_new_tokens - self.num_draft_tokens
+        return end == self.seq.num_tokens
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            lookahead = seq.num_lookahead_tokens if seq.num_uncomputed_tokens == 1 else 0
+            num_new = min(seq.num_uncomputed_tokens + lookahead, budget)
             target = seq.num_computed_tokens + num_new
             while not self.block_manager.can_allocate(seq, target):
                 victim = self.running.pop()  # NOTE: the victim always sits at index >= i
@@ -75,7 +78,9 @@ class Scheduler:
                 if victim is seq:
                     return scheduled, preempted
             self.block_manager.allocate(seq, target)
-            scheduled.append(ScheduledSeq(seq, num_new))
+            scheduled.append(
+                ScheduledSeq(seq, num_new, max(0, num_new - seq.num_uncomputed_tokens))
+            )
             budget -= num_new
             i += 1
         return scheduled, preempted

@@ -46,6 +46,9 @@ class Sequence:
     cache_nodes: list[Any] = field(default_factory=list)  # prefix-cache path (shared blocks)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     num_skips: int = 0  # times a later arrival was admitted first (cache-aware scheduling)
+    num_lookahead_tokens: int = 0  # draft slots to reserve this step (speculative decoding)
+    draft_token_ids: list[int] = field(default_factory=list)  # this step's drafts, unverified
+    spec_tracker: Any = None  # speculative.AcceptanceTracker when speculation is on
 
     @property
     def token_ids(self) -> list[int]:
