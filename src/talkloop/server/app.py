@@ -17,6 +17,7 @@ from fastapi import APIRouter, FastAPI
 
 from talkloop.backends.base import ModelBackend
 from talkloop.backends.engine_backend import AdmissionLimits, EngineBackend
+from talkloop.backends.remote import RemoteBackend, RemoteConfig, parse_replica_urls
 from talkloop.engine.config import CacheConfig, EngineConfig
 from talkloop.server import admin_api, health, openai_api
 from talkloop.server.bootstrap import bootstrap
@@ -41,8 +42,25 @@ ROUTERS: tuple[APIRouter, ...] = (
 AdminKeyCallback = Callable[[str], None]
 
 
-def build_backend(settings: Settings) -> EngineBackend:
-    """The built-in engine on `settings.model` (None: the bundled model)."""
+def build_remote_backend(settings: Settings) -> RemoteBackend:
+    """The remote replicas at `settings.backend_urls`, serving `settings.backend_model`."""
+    if not settings.backend_model:
+        raise ValueError("backend_urls is set, so backend_model must name the remote model")
+    key = settings.backend_api_key
+    config = RemoteConfig(
+        urls=parse_replica_urls(settings.backend_urls or ""),
+        model=settings.backend_model,
+        served_model_name=settings.served_model_name,
+        api_key=key.get_secret_value() if key else None,
+    )
+    return RemoteBackend(config)
+
+
+def build_backend(settings: Settings) -> ModelBackend:
+    """Remote replicas when `backend_urls` is set, else the built-in engine on `settings.model`
+    (None: the bundled model)."""
+    if settings.backend_urls:
+        return build_remote_backend(settings)
     kv_bytes = settings.kv_cache_mb << 20 if settings.kv_cache_mb else None
     config = EngineConfig(
         model=settings.model,

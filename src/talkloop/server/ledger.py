@@ -3,6 +3,7 @@
 `UsageLedger.record` never blocks (it may be called from a cancelled stream's `finally`);
 a writer thread inserts batches idempotently by request id, retrying on database errors.
 `Meter` measures one request and records exactly one row, whatever way the request ends.
+`MeterHooks` let other subsystems (limits, quotas, pricing, metrics) act on every request.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
-from talkloop.backends.base import Usage
+from sqlalchemy.orm import Session
+
+from talkloop.backends.base import GenerationRequest, Usage
 from talkloop.server.db.base import utcnow
 from talkloop.server.db.database import Database
 from talkloop.server.db.models import UsageStatus
@@ -42,11 +47,49 @@ class UsageEntry:
     latency_ms: int
     status: UsageStatus
     created_at: datetime = field(default_factory=utcnow)
+    cost_micros: int = 0  # set by the hooks' pricing when the row is written
+
+
+class MeterHooks(Protocol):
+    """What runs around every metered request; see `metering.hooks.Metering`."""
+
+    async def admit(self, entry: UsageEntry, request: GenerationRequest) -> None:
+        """Before generation; raise a ServerError (a 429) to refuse the request."""
+        ...
+
+    def on_chunk(self, entry: UsageEntry, since_start_s: float, since_last_s: float | None) -> None:
+        """Each chunk handed on (`since_last_s` None for the first); must be cheap."""
+        ...
+
+    def on_finish(self, entry: UsageEntry) -> None:
+        """Once, after the row is queued; must not block."""
+        ...
+
+    def before_write(self, session: Session, entries: Sequence[UsageEntry]) -> list[UsageEntry]:
+        """In the writer's transaction, before the insert: the rows to write."""
+        ...
+
+
+class NoHooks:
+    async def admit(self, entry: UsageEntry, request: GenerationRequest) -> None:
+        return None
+
+    def on_chunk(self, entry: UsageEntry, since_start_s: float, since_last_s: float | None) -> None:
+        return None
+
+    def on_finish(self, entry: UsageEntry) -> None:
+        return None
+
+    def before_write(self, session: Session, entries: Sequence[UsageEntry]) -> list[UsageEntry]:
+        return list(entries)
 
 
 class UsageLedger:
-    def __init__(self, db: Database, flush_interval_s: float = 0.2) -> None:
+    def __init__(
+        self, db: Database, flush_interval_s: float = 0.2, hooks: MeterHooks | None = None
+    ) -> None:
         self._db = db
+        self.hooks: MeterHooks = hooks or NoHooks()
         self._interval_s = flush_interval_s
         self._queue: queue.SimpleQueue[UsageEntry | None] = queue.SimpleQueue()
         self._pending = 0
@@ -102,7 +145,8 @@ class UsageLedger:
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
                 with self._db.session() as session:
-                    insert_usage(session, rows)
+                    written = self.hooks.before_write(session, entries)
+                    insert_usage(session, [dataclasses.asdict(entry) for entry in written])
                 return
             except Exception:
                 logger.warning("usage ledger write failed (attempt %d)", attempt, exc_info=True)
@@ -119,6 +163,21 @@ class Meter:
         self._start = time.perf_counter()
         self.usage = Usage(0, 0, 0)
         self._done = False
+        self._last_chunk: float | None = None
+
+    async def admit(self, request: GenerationRequest) -> None:
+        """Rate limits and quotas (the hooks may raise a 429); call before generating."""
+        await self._ledger.hooks.admit(self._template, request)
+
+    def chunk(self) -> None:
+        """Note that a chunk was handed on (time to first token, inter-token latency)."""
+        now = time.perf_counter()
+        since_last = None if self._last_chunk is None else now - self._last_chunk
+        self._last_chunk = now
+        try:
+            self._ledger.hooks.on_chunk(self._template, now - self._start, since_last)
+        except Exception:
+            logger.warning("meter hook on_chunk failed", exc_info=True)
 
     def finish(self, status: UsageStatus) -> None:
         if self._done:
@@ -134,3 +193,7 @@ class Meter:
             created_at=utcnow(),
         )
         self._ledger.record(entry)
+        try:
+            self._ledger.hooks.on_finish(entry)
+        except Exception:
+            logger.warning("meter hook on_finish failed", exc_info=True)

@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     # model
     model: str | None = None  # GGUF file or safetensors folder; None = the bundled model
     served_model_name: str | None = None  # the `model` clients send; None = file stem
+    # remote OpenAI-compatible replicas (vLLM, SGLang, ...) instead of the built-in engine
+    backend_urls: str | None = None  # comma-separated API base URLs, e.g. http://a:8000/v1
+    backend_model: str | None = None  # the model name those servers serve (their /v1/models)
+    backend_api_key: SecretStr | None = None
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     num_threads: int | None = Field(default=None, ge=1)
     max_model_len: int | None = Field(default=None, ge=1)

@@ -185,6 +185,7 @@ class UsageRecord(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     latency_ms: Mapped[int] = mapped_column(Integer, default=0)
     status: Mapped[str] = mapped_column(String(32))
+    cost_micros: Mapped[int] = mapped_column(BigInteger, default=0)  # 1e-6 of the price currency
     created_at: Mapped[datetime] = created_at_column()
 
 

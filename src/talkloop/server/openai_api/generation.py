@@ -55,6 +55,7 @@ class Generation:
     ) -> Generation:
         stream = backend.generate(request)
         try:
+            await meter.admit(request)  # rate limits and quotas: 429 before any work
             first = await anext(stream, None)
         except BaseException:
             meter.finish(UsageStatus.REJECTED)
@@ -87,6 +88,7 @@ class Generation:
         self._finish(UsageStatus.CLIENT_DISCONNECTED)
 
     def _track(self, chunk: GenerationChunk) -> GenerationChunk:
+        self._meter.chunk()
         self._completion_tokens += len(chunk.token_ids)
         if chunk.usage is not None:
             self._final_usage = chunk.usage
