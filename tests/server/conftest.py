@@ -23,6 +23,7 @@ import psycopg
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from sqlalchemy import select
 
 from talkloop.backends.engine_backend import AdmissionLimits, EngineBackend
 from talkloop.engine.config import EngineConfig
@@ -30,7 +31,9 @@ from talkloop.engine.loader import build_engine
 from talkloop.server import Settings, create_app
 from talkloop.server.db.database import Database
 from talkloop.server.db.migrate import upgrade
+from talkloop.server.db.models import UsageRecord
 from talkloop.server.services import Services
+from talkloop.server.store import PlatformStore
 
 PG_ADMIN_URL = os.environ.get("TALKLOOP_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MODEL = "smollm2"
@@ -155,14 +158,24 @@ class LiveServer:
             key = client.post(f"/admin/tenants/{tenant_id}/keys", json={"name": "test"})
         return tenant_id, key.json()["key"]
 
-    def ledger_row(self, request_id: str) -> dict[str, Any]:
-        """The usage row of `request_id`, once the background writer has written it."""
-        from talkloop.server.db.models import UsageRecord
-
+    def ledger_rows(self, **where: Any) -> list[dict[str, Any]]:
+        """Usage rows matching `where`, once the background writer has written them."""
         assert self.services.ledger.flush(10)
         with self.services.db.session() as session:
-            row = session.query(UsageRecord).filter_by(request_id=request_id).one()
-            return {c.name: getattr(row, c.name) for c in UsageRecord.__table__.columns}
+            rows = session.scalars(select(UsageRecord).filter_by(**where).order_by(UsageRecord.id))
+            return [
+                {c.name: getattr(r, c.name) for c in UsageRecord.__table__.columns} for r in rows
+            ]
+
+    def ledger_row(self, request_id: str) -> dict[str, Any]:
+        [row] = self.ledger_rows(request_id=request_id)
+        return row
+
+    def key_id(self, secret: str) -> str:
+        with self.services.db.session() as session:
+            found = PlatformStore(session).key_by_secret(secret)
+            assert found is not None
+            return found.id
 
 
 @pytest.fixture(scope="session", params=DB_KINDS)

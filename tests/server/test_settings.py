@@ -64,7 +64,7 @@ def test_json_config_file_given_as_argument(tmp_path: Path) -> None:
 def test_unreadable_config_file_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("port = = 1")
-    with pytest.raises(ValueError, match="bad.toml is not valid"):
+    with pytest.raises(ValueError, match=r"bad\.toml is not valid"):
         Settings(config_file=bad)
 
 
