@@ -14,27 +14,42 @@ from talkloop.engine.attention import AttentionMetadata, KVCache, PrefillChunk
 from talkloop.engine.block_manager import BlockManager
 from talkloop.engine.models.llama import LlamaForCausalLM
 from talkloop.engine.sampler import SamplerOutput, SamplingBatch, sample
-from talkloop.engine.scheduler import ScheduledSeq, SchedulerOutput
+from talkloop.engine.scheduler import SchedulerOutput
 from talkloop.engine.sequence import Sequence
 
 
 @dataclass(frozen=True)
-class StepInputs:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    meta: AttentionMetadata
-    logit_rows: torch.Tensor  # [N] rows of the hidden states to sample from
-    sampled_seqs: tuple[Sequence, ...]
-    verify_rows: torch.Tensor  # [M] rows scored for speculative verification
-    verify_seqs: tuple[tuple[Sequence, int], ...]  # (sequence, number of its rows: k + 1)
+class TokenChunk:
+    """Tokens of one sequence to run through the model at positions start.. (plain data)."""
+
+    seq: Sequence
+    start: int
+    token_ids: list[int]
+    num_logit_rows: int  # rows at the chunk's end to turn into logits (0, 1 or k + 1)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
 
 
 @dataclass(frozen=True)
 class RunnerOutput:
     sampled_seqs: tuple[Sequence, ...]
     sampled: SamplerOutput | None
-    verify_seqs: tuple[tuple[Sequence, int], ...]
+    verify_seqs: tuple[tuple[Sequence, int], ...]  # (sequence, its rows: k + 1)
     verify_logits: torch.Tensor | None  # [M, V] float32, rows grouped per sequence
+
+
+def chunks_for(output: SchedulerOutput) -> list[TokenChunk]:
+    """The target model's chunks: scheduled tokens plus any drafts to verify."""
+    chunks = []
+    for item in output.scheduled:
+        seq, start = item.seq, item.seq.num_computed_tokens
+        real = seq.token_ids[start : start + item.num_new_tokens - item.num_draft_tokens]
+        drafts = seq.draft_token_ids[: item.num_draft_tokens]
+        rows = len(drafts) + 1 if drafts else int(item.samples)
+        chunks.append(TokenChunk(seq, start, real + drafts, rows))
+    return chunks
 
 
 class ModelRunner:
@@ -53,74 +68,73 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, output: SchedulerOutput) -> RunnerOutput:
         """Compute the scheduled tokens; sample where due, score drafts where speculating."""
-        inputs = self.prepare(output)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        chunks = chunks_for(output)
+        logits = self.forward(chunks)
+        sampled_seqs = tuple(c.seq for c in chunks if c.num_logit_rows == 1 and not _drafting(c))
+        verify = tuple((c.seq, c.num_logit_rows) for c in chunks if _drafting(c))
+        sample_rows, verify_rows, row = [], [], 0
+        for c in chunks:
+            rows = list(range(row, row + c.num_logit_rows))
+            (verify_rows if _drafting(c) else sample_rows).extend(rows)
+            row += c.num_logit_rows
         sampled = None
-        if inputs.sampled_seqs:
-            logits = self.model.compute_logits(hidden[inputs.logit_rows])
-            sampled = sample(logits, build_sampling_batch(inputs.sampled_seqs))
-        verify_logits = None
-        if inputs.verify_seqs:
-            verify_logits = self.model.compute_logits(hidden[inputs.verify_rows])
-        return RunnerOutput(inputs.sampled_seqs, sampled, inputs.verify_seqs, verify_logits)
+        if sampled_seqs:
+            batch = build_sampling_batch(sampled_seqs)
+            sampled = sample(logits[self._tensor(sample_rows)], batch)
+        verify_logits = logits[self._tensor(verify_rows)] if verify else None
+        return RunnerOutput(sampled_seqs, sampled, verify, verify_logits)
 
-    def prepare(self, output: SchedulerOutput) -> StepInputs:
-        prefills = [s for s in output.scheduled if s.num_new_tokens > 1]
-        decodes = [s for s in output.scheduled if s.num_new_tokens == 1]
+    @torch.inference_mode()
+    def forward(self, chunks: list[TokenChunk]) -> torch.Tensor:
+        """Run `chunks` (writing their KV); logits [sum of num_logit_rows, V] in chunk order."""
+        input_ids, positions, meta, rows = self.prepare(chunks)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        return self.model.compute_logits(hidden[rows])
+
+    def prepare(
+        self, chunks: list[TokenChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        # Multi-token chunks first (attended one by one), then single tokens as one batch.
+        order = [c for c in chunks if len(c.token_ids) > 1] + [
+            c for c in chunks if len(c.token_ids) == 1
+        ]
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        chunks: list[PrefillChunk] = []
-        logit_rows: list[int] = []
-        sampled: list[Sequence] = []
-        verify_rows: list[int] = []
-        verifying: list[tuple[Sequence, int]] = []
-        for item in prefills + decodes:
-            seq, start = item.seq, item.seq.num_computed_tokens
-            end = start + item.num_new_tokens
-            if item.num_new_tokens > 1:
-                chunks.append(self._chunk(item, len(token_ids)))
-            token_ids.extend(seq.token_ids[start : end - item.num_draft_tokens])
-            token_ids.extend(seq.draft_token_ids[: item.num_draft_tokens])
-            positions.extend(range(start, end))
-            slots.extend(self.block_manager.slot(seq, p) for p in range(start, end))
-            if item.num_draft_tokens:
-                num_rows = item.num_draft_tokens + 1  # the last real token and each draft
-                verify_rows.extend(range(len(token_ids) - num_rows, len(token_ids)))
-                verifying.append((seq, num_rows))
-            elif item.samples:
-                logit_rows.append(len(token_ids) - 1)
-                sampled.append(seq)
+        prefills: list[PrefillChunk] = []
+        rows_of: dict[int, list[int]] = {}
+        for chunk in order:
+            if len(chunk.token_ids) > 1:
+                prefills.append(self._prefill_chunk(chunk, len(token_ids)))
+            token_ids.extend(chunk.token_ids)
+            positions.extend(range(chunk.start, chunk.end))
+            slots.extend(
+                self.block_manager.slot(chunk.seq, p) for p in range(chunk.start, chunk.end)
+            )
+            rows_of[id(chunk)] = list(range(len(token_ids) - chunk.num_logit_rows, len(token_ids)))
+        decodes = [c for c in order if len(c.token_ids) == 1]
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots),
-            prefills=tuple(chunks),
-            num_prefill_tokens=sum(c.num_tokens for c in chunks),
+            prefills=tuple(prefills),
+            num_prefill_tokens=sum(p.num_tokens for p in prefills),
             **self._decode_metadata(decodes),
         )
-        return StepInputs(
-            self._tensor(token_ids),
-            self._tensor(positions),
-            meta,
-            self._tensor(logit_rows),
-            tuple(sampled),
-            self._tensor(verify_rows),
-            tuple(verifying),
-        )
+        rows = [r for chunk in chunks for r in rows_of[id(chunk)]]
+        return self._tensor(token_ids), self._tensor(positions), meta, self._tensor(rows)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
 
-    def _chunk(self, item: ScheduledSeq, token_start: int) -> PrefillChunk:
-        context_len = item.seq.num_computed_tokens + item.num_new_tokens
-        num_blocks = -(-context_len // self.block_manager.block_size)
-        table = self._tensor(item.seq.block_ids[:num_blocks])
-        return PrefillChunk(token_start, item.num_new_tokens, context_len, table)
+    def _prefill_chunk(self, chunk: TokenChunk, token_start: int) -> PrefillChunk:
+        num_blocks = -(-chunk.end // self.block_manager.block_size)
+        table = self._tensor(chunk.seq.block_ids[:num_blocks])
+        return PrefillChunk(token_start, len(chunk.token_ids), chunk.end, table)
 
-    def _decode_metadata(self, decodes: list[ScheduledSeq]) -> dict[str, torch.Tensor | None]:
+    def _decode_metadata(self, decodes: list[TokenChunk]) -> dict[str, torch.Tensor | None]:
         block_size = self.block_manager.block_size
-        context_lens = [s.seq.num_computed_tokens + 1 for s in decodes]
+        context_lens = [c.end for c in decodes]
         max_blocks = max((-(-n // block_size) for n in context_lens), default=0)
-        tables = [s.seq.block_ids[:max_blocks] for s in decodes]
+        tables = [c.seq.block_ids[:max_blocks] for c in decodes]
         padded = [t + [0] * (max_blocks - len(t)) for t in tables]
         lens = self._tensor(context_lens)
         bias = None
@@ -134,6 +148,11 @@ class ModelRunner:
             "decode_context_lens": lens,
             "decode_bias": bias,
         }
+
+
+def _drafting(chunk: TokenChunk) -> bool:
+    """Chunks carrying drafts score k + 1 >= 2 rows; plain ones score at most one."""
+    return chunk.num_logit_rows > 1
 
 
 def _padded(rows: list[list[int]]) -> torch.Tensor:
