@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from talkloop.engine.config import SpeculativeConfig
+from talkloop.engine.draft_model import DraftModelProposer
 from talkloop.engine.speculative import AcceptanceTracker, Draft, NgramProposer, verify
 from tests.engine.tiny import (
     assert_no_leaked_blocks,
@@ -29,11 +31,11 @@ class OracleProposer:
 
     def propose(self, seqs, num_tokens):
         drafts = []
-        for seq in seqs:
+        for seq, n in zip(seqs, num_tokens, strict=True):
             self.calls += 1
             truth = self.continuations[tuple(seq.prompt_token_ids)]
             done = len(seq.output_token_ids)
-            tokens = truth[done : done + num_tokens]
+            tokens = truth[done : done + n]
             if self.calls % 3 == 0 and tokens:
                 bad = self.calls % len(tokens)
                 tokens = [*tokens[:bad], (tokens[bad] + 1) % 256, *tokens[bad + 1 :]]
@@ -125,3 +127,35 @@ def test_tracker_pauses_speculation_when_acceptance_is_low() -> None:
     tracker = AcceptanceTracker(min_rate=0.5, warmup_tokens=8, retry_after_steps=3)
     tracker.record(8, 1)
     assert [tracker.should_speculate() for _ in range(4)] == [False, False, False, True]
+
+
+@pytest.mark.parametrize("draft_seed", [31, 32])  # the target itself, then a different model
+def test_draft_model_speculation_keeps_greedy_output(draft_seed: int) -> None:
+    draft = tiny_model(tiny_config("llama", num_layers=1), seed=draft_seed)
+    if draft_seed == 31:
+        draft = MODEL
+    engine = _spec_engine()
+    engine.speculator.proposer = DraftModelProposer(
+        draft, MODEL.config.vocab_size, engine.block_manager
+    )
+    prompts = [[10, 11, 12, 13] * 6, list(range(50, 80)), [7, 8, 9] * 5 + [1]]
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, greedy(max_tokens=30, ignore_eos=True))
+    got = run_to_completion(engine)
+    for i, prompt in enumerate(prompts):
+        assert got[f"r{i}:0"] == reference_greedy(MODEL, prompt, 30), f"r{i}"
+    spec = engine.speculator
+    if draft is MODEL:
+        assert spec.num_accepted_tokens == spec.num_draft_tokens > 0  # a perfect draft
+    else:
+        assert spec.num_draft_tokens > 0
+    assert_no_leaked_blocks(engine)
+
+
+def test_draft_model_with_a_different_vocab_is_refused() -> None:
+    from talkloop.engine.errors import ModelLoadError
+
+    other = tiny_model(tiny_config("llama", vocab_size=300), seed=1)
+    engine = _spec_engine()
+    with pytest.raises(ModelLoadError, match="vocab"):
+        DraftModelProposer(other, MODEL.config.vocab_size, engine.block_manager)

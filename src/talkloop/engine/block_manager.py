@@ -61,6 +61,7 @@ class BlockManager:
         self._free.extend(seq.block_ids[num_shared:])
         seq.block_ids = []
         seq.cache_nodes = []
+        seq.draft_num_computed = 0  # a draft model's KV went with the blocks
 
     def slot(self, seq: Sequence, position: int) -> int:
         block = seq.block_ids[position // self.block_size]

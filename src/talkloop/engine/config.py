@@ -130,7 +130,7 @@ class SchedulerConfig:
             )
 
 
-SpeculativeMethod = Literal["none", "ngram"]
+SpeculativeMethod = Literal["none", "ngram", "draft"]
 
 
 @dataclass(frozen=True)
@@ -143,10 +143,15 @@ class SpeculativeConfig:
     min_acceptance_rate: float = 0.25  # below it, a sequence pauses speculation for a while
     ngram_max: int = 4
     ngram_min: int = 2
+    draft_model: str | None = None  # GGUF file or safetensors folder, for method "draft"
 
     def __post_init__(self) -> None:
-        if self.method not in ("none", "ngram"):
-            raise ValueError(f"speculative method must be 'none' or 'ngram', got {self.method!r}")
+        if self.method not in ("none", "ngram", "draft"):
+            raise ValueError(
+                f"speculative method must be 'none', 'ngram' or 'draft', got {self.method!r}"
+            )
+        if self.method == "draft" and not self.draft_model:
+            raise ValueError("speculative method 'draft' needs draft_model (a path)")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(
                 f"num_speculative_tokens must be in 1..16, got {self.num_speculative_tokens}"

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from talkloop.engine.assets import default_model_path
 from talkloop.engine.chat_template import ChatTemplate
-from talkloop.engine.config import EngineConfig
+from talkloop.engine.config import EngineConfig, SpeculativeConfig
 from talkloop.engine.detokenizer import IncrementalDetokenizer
+from talkloop.engine.draft_model import DraftModelProposer
 from talkloop.engine.llm_engine import LLMEngine
 from talkloop.engine.models.linear import quantize_linears
 from talkloop.engine.models.llama import LlamaForCausalLM
@@ -68,4 +69,12 @@ def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> LLM
         )
 
     stop_ids = set(tokenizer.stop_token_ids) | set(loaded.model.config.eos_token_ids)
-    return LLMEngine(loaded.model, config, detokenizer, sorted(stop_ids))
+    engine = LLMEngine(loaded.model, config, detokenizer, sorted(stop_ids))
+    spec = config.speculative
+    if spec.method == "draft" and spec.draft_model:
+        draft_config = replace(config, model=spec.draft_model, speculative=SpeculativeConfig())
+        draft = load_model(draft_config).model
+        engine.speculator.proposer = DraftModelProposer(
+            draft, loaded.model.config.vocab_size, engine.block_manager, config.device
+        )
+    return engine

@@ -49,6 +49,7 @@ class Sequence:
     num_lookahead_tokens: int = 0  # draft slots to reserve this step (speculative decoding)
     draft_token_ids: list[int] = field(default_factory=list)  # this step's drafts, unverified
     spec_tracker: Any = None  # speculative.AcceptanceTracker when speculation is on
+    draft_num_computed: int = 0  # positions whose draft-model KV is valid
 
     @property
     def token_ids(self) -> list[int]:

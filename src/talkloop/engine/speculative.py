@@ -34,7 +34,9 @@ class Draft:
 
 
 class Proposer(Protocol):
-    def propose(self, seqs: SequenceOf[Sequence], num_tokens: int) -> list[Draft]: ...
+    def propose(self, seqs: SequenceOf[Sequence], num_tokens: SequenceOf[int]) -> list[Draft]:
+        """Up to num_tokens[i] drafts for seqs[i] (fewer, or none, is fine)."""
+        ...
 
 
 class NgramProposer:
@@ -47,8 +49,8 @@ class NgramProposer:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
 
-    def propose(self, seqs: SequenceOf[Sequence], num_tokens: int) -> list[Draft]:
-        return [Draft(self._lookup(seq.token_ids, num_tokens)) for seq in seqs]
+    def propose(self, seqs: SequenceOf[Sequence], num_tokens: SequenceOf[int]) -> list[Draft]:
+        return [Draft(self._lookup(s.token_ids, n)) for s, n in zip(seqs, num_tokens, strict=True)]
 
     def _lookup(self, tokens: list[int], num_tokens: int) -> list[int]:
         for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
@@ -187,7 +189,7 @@ class Speculator:
         if not wanting:
             return output
         drafts = self.proposer.propose(
-            [item.seq for item in wanting], max(item.num_draft_tokens for item in wanting)
+            [item.seq for item in wanting], [item.num_draft_tokens for item in wanting]
         )
         by_seq: dict[int, Draft] = {}
         for item, draft in zip(wanting, drafts, strict=True):
