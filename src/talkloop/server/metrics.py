@@ -109,6 +109,19 @@ class ServingMetrics:
         return generate_latest(self.registry)
 
 
+def route_template(scope: Scope) -> str:
+    """`/api/characters/{character_id}` for `/api/characters/chr_1`: bounded label values.
+
+    Built from the path and its matched parameters (public ASGI data) rather than the route
+    object, whose `path` lacks the prefixes of routers included in routers.
+    """
+    if scope.get("route") is None:
+        return UNMATCHED_ROUTE
+    names = {str(value): name for name, value in scope.get("path_params", {}).items()}
+    segments = str(scope["path"]).split("/")
+    return "/".join(f"{{{names[part]}}}" if part in names else part for part in segments)
+
+
 class HttpMetricsMiddleware:
     """Counts every HTTP request by method, route template and status, and times it."""
 
@@ -132,8 +145,7 @@ class HttpMetricsMiddleware:
         try:
             await self.app(scope, receive, send_recording)
         finally:
-            route = scope.get("route")
-            handler = getattr(route, "path", UNMATCHED_ROUTE)
+            handler = route_template(scope)
             method = scope["method"]
             self.metrics.http_requests.labels(method, handler, str(status)).inc()
             self.metrics.http_latency.labels(method, handler).observe(time.perf_counter() - start)

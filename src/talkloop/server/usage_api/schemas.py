@@ -14,8 +14,17 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, model_valida
 from talkloop.server.metering.quotas import Period
 from talkloop.server.metering.summaries import GroupBy
 
+SIX_PLACES = Decimal("0.000001")
+
+
+def six_places(value: Decimal) -> str:
+    return str(value.quantize(SIX_PLACES))
+
+
 PricePerMtok = Annotated[
-    Decimal, Field(ge=0, max_digits=18, decimal_places=6), PlainSerializer(str, return_type=str)
+    Decimal,
+    Field(ge=0, max_digits=18, decimal_places=6),
+    PlainSerializer(six_places, return_type=str),
 ]
 
 
