@@ -53,7 +53,11 @@ def test_send_streams_events_in_order_and_persists(
     assert set(names[2:-1]) <= {"delta"} and len(names) > 3
     user, started = events[0][1], events[1][1]
     assert (user["role"], user["content"], user["name"]) == ("user", "Who are you?", "Ada")
-    assert (started["role"], started["status"], started["content"]) == ("assistant", "streaming", "")
+    assert (started["role"], started["status"], started["content"]) == (
+        "assistant",
+        "streaming",
+        "",
+    )
     text = "".join(data["content"] for name, data in events if name == "delta")
     done = events[-1][1]
     assert done["message"]["id"] == started["id"]
@@ -71,15 +75,21 @@ def test_send_streams_events_in_order_and_persists(
 def test_swipe_regenerate_edit_branch_delete(tenant_a: Tenant, chat: dict) -> None:
     base = f"/api/conversations/{chat['id']}"
     [greeting] = messages(tenant_a, chat["id"])
-    swiped = ok(tenant_a.alice.post(f"{base}/messages/{greeting['id']}/swipe", json={"swipe_index": 2}))
+    swiped = ok(
+        tenant_a.alice.post(f"{base}/messages/{greeting['id']}/swipe", json={"swipe_index": 2})
+    )
     assert (swiped["swipe_index"], swiped["content"]) == (2, "You came back.")
     bad = tenant_a.alice.post(f"{base}/messages/{greeting['id']}/swipe", json={"swipe_index": 3})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "swipe_index"
 
-    sent = ok(tenant_a.alice.post(f"{base}/messages", json={"content": "Hi", "stream": False, **SHORT}))
+    sent = ok(
+        tenant_a.alice.post(f"{base}/messages", json={"content": "Hi", "stream": False, **SHORT})
+    )
     reply = sent["message"]
     regen = ok(
-        tenant_a.alice.post(f"{base}/messages/{reply['id']}/regenerate", json={"stream": False, **SHORT})
+        tenant_a.alice.post(
+            f"{base}/messages/{reply['id']}/regenerate", json={"stream": False, **SHORT}
+        )
     )
     assert regen["message"]["id"] == reply["id"]
     assert regen["message"]["swipes"][0] == reply["content"]

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from talkloop.characters.cards import CardFile, CardFormat, read_card, save_card
+from talkloop.characters.cards.card_file import embedded_path
 from talkloop.characters.errors import CardFormatError
 from talkloop.characters.model import Character as CharacterCard
 from talkloop.server.db.models import Character
@@ -87,6 +88,13 @@ def parse_card(raw: bytes, card_format: CardFormat | None = None) -> CardFile:
         ) from None
 
 
+def avatar_files(card: CharacterCard, image: bytes | None) -> dict[str, bytes]:
+    """The CHARX member the main icon points at (other embedded assets are not kept)."""
+    asset = card.avatar_asset
+    path = embedded_path(asset.uri) if asset is not None else None
+    return {path: image} if path and image else {}
+
+
 @router.post("", status_code=201)
 def create_character(body: CharacterCreate, caller: CallerDep) -> CharacterPublic:
     card = card_from_json(body.card)
@@ -150,14 +158,15 @@ def export_character(
     character_id: str,
     caller: CallerDep,
     format: Annotated[CardFormat, Query()] = CardFormat.PNG,
-    version: Annotated[Literal[1, 2, 3], Query()] = 3,
+    version: Annotated[int, Query(ge=1, le=3, description="card spec version")] = 3,
 ) -> Response:
     """The card file; PNG and CHARX carry the avatar when there is one."""
     row = caller.store.catalog.get(character_id, caller.end_user_id)
     avatar = caller.store.catalog.avatar(row)
     card = caller.store.characters.card(row)
+    image = avatar.data if avatar else None
     try:
-        data = save_card(card, format, version, image=avatar.data if avatar else None)
+        data = save_card(card, format, version, image=image, files=avatar_files(card, image))
     except CardFormatError as exc:
         raise BadRequestError(
             f"cannot export as {format} V{version}: {exc}", param="format"

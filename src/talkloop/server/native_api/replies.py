@@ -45,10 +45,13 @@ class ReplyOptions(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
+    ignore_eos: bool = Field(default=False, description="generate exactly max_tokens")
     stream: bool = True
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
-        params = SamplingParams(max_tokens=self.max_tokens or default_max_tokens)
+        params = SamplingParams(
+            max_tokens=self.max_tokens or default_max_tokens, ignore_eos=self.ignore_eos
+        )
         given: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p}
         given["seed"] = self.seed
         return dataclasses.replace(params, **{k: v for k, v in given.items() if v is not None})
