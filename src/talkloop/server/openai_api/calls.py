@@ -15,12 +15,14 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from talkloop.backends.base import Usage
 from talkloop.server.auth import Principal
 from talkloop.server.db.models import UsageStatus
 from talkloop.server.ledger import Meter, UsageEntry
 from talkloop.server.model_registry import ResolvedModel
+from talkloop.server.openai_api.generation import Generation
 from talkloop.server.services import Services
 from talkloop.server.store import TenantStore
 
@@ -79,5 +81,11 @@ def sse(data: dict[str, Any]) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+def sse_response(events: AsyncIterator[str], generation: Generation) -> StreamingResponse:
+    """An SSE response whose generation is closed after the body, however the body ended."""
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers=SSE_HEADERS,
+        background=BackgroundTask(generation.close),
+    )

@@ -54,7 +54,7 @@ async def create_chat_completion(
     generation = await Generation.start(call.model.backend, generation_request, meter)
     chat = ChatStream(call, body, token_bytes)
     if body.stream:
-        return sse_response(chat.events(generation))
+        return sse_response(chat.events(generation), generation)
     return await respond_unless_disconnected(request, chat.collect(generation))
 
 

@@ -73,7 +73,7 @@ async def create_completion(
     generation = await Generation.start(call.model.backend, generation_request, meter)
     completion = CompletionStream(call, body, token_bytes)
     if body.stream:
-        return sse_response(completion.events(generation))
+        return sse_response(completion.events(generation), generation)
     return await respond_unless_disconnected(request, completion.collect(generation))
 
 

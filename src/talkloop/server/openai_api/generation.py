@@ -15,8 +15,15 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from talkloop.backends.base import GenerationChunk, GenerationRequest, ModelBackend, Usage
+from talkloop.backends.base import (
+    BackendOverloadedError,
+    GenerationChunk,
+    GenerationRequest,
+    ModelBackend,
+    Usage,
+)
 from talkloop.backends.engine_backend import EngineBackend
+from talkloop.engine.errors import InvalidRequestError
 from talkloop.server.db.models import UsageStatus
 from talkloop.server.ledger import Meter
 
@@ -48,6 +55,9 @@ class Generation:
         self._count_prompt = count_prompt
         self._completion_tokens = 0
         self._final_usage: Usage | None = None
+        self._finished = False
+        if first is not None:
+            self._track(first)  # generated already, even if never delivered
 
     @classmethod
     async def start(
@@ -66,7 +76,7 @@ class Generation:
         status = UsageStatus.ERROR
         try:
             if self._first is not None:
-                yield self._track(self._first)
+                yield self._first
                 async for chunk in self._stream:
                     yield self._track(chunk)
             status = UsageStatus.OK
@@ -83,7 +93,10 @@ class Generation:
         return self._final_usage or Usage(0, 0, 0)
 
     async def close(self) -> None:
-        """Give up on a generation that was started but will not be read."""
+        """Give up on a generation that will not be read (a no-op once it was read to the end).
+
+        NOTE: a streamed response runs this after its body, even when the client left before
+        the body started, so an admitted request is always aborted and metered."""
         await _close(self._stream)
         self._finish(UsageStatus.CLIENT_DISCONNECTED)
 
@@ -96,11 +109,22 @@ class Generation:
 
     def _finish(self, status: UsageStatus) -> None:
         """Meter what was used: the backend's usage, or (a broken stream) what was seen."""
+        if self._finished:
+            return
+        self._finished = True
         usage = self._final_usage
         if usage is None:
             usage = Usage(self._count_prompt(), self._completion_tokens, 0)
         self._meter.usage = usage
         self._meter.finish(status)
+
+
+def _refusal_status(exc: BaseException) -> UsageStatus:
+    if isinstance(exc, asyncio.CancelledError):
+        return UsageStatus.CLIENT_DISCONNECTED
+    if isinstance(exc, InvalidRequestError | BackendOverloadedError):
+        return UsageStatus.REJECTED
+    return UsageStatus.ERROR
 
 
 async def _close(stream: AsyncIterator[GenerationChunk]) -> None:
