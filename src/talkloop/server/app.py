@@ -19,12 +19,15 @@ from talkloop.backends.base import ModelBackend
 from talkloop.backends.engine_backend import AdmissionLimits, EngineBackend
 from talkloop.backends.remote import RemoteBackend, RemoteConfig, parse_replica_urls
 from talkloop.engine.config import CacheConfig, EngineConfig
-from talkloop.server import admin_api, health, openai_api
+from talkloop.server import admin_api, health, metrics, openai_api, usage_api
 from talkloop.server.bootstrap import bootstrap
 from talkloop.server.db.database import Database
 from talkloop.server.db.migrate import upgrade
 from talkloop.server.errors import install_error_handlers
 from talkloop.server.ledger import UsageLedger
+from talkloop.server.limits.headers import RateLimitHeadersMiddleware
+from talkloop.server.metering.hooks import build_metering
+from talkloop.server.metrics import HttpMetricsMiddleware, ServingMetrics
 from talkloop.server.middleware import DrainGate, DrainMiddleware, RequestIdMiddleware
 from talkloop.server.model_registry import ModelRegistry
 from talkloop.server.native_api import router as native_api_router
@@ -37,6 +40,8 @@ ROUTERS: tuple[APIRouter, ...] = (
     health.router,
     admin_api.router,
     openai_api.router,
+    metrics.router,
+    usage_api.router,
     native_api_router,
 )
 AdminKeyCallback = Callable[[str], None]
@@ -91,6 +96,7 @@ def create_app(
 ) -> FastAPI:
     """The app for `settings`. A given `backend` is used as is and not closed at shutdown."""
     gate = DrainGate()
+    serving_metrics = ServingMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -105,7 +111,9 @@ def create_app(
             default = await asyncio.to_thread(build_backend, settings)
             owned = (default,)
         models = ModelRegistry([default, *extra_backends])
-        ledger = UsageLedger(db, settings.ledger_flush_interval_s)
+        metering = build_metering(settings, db, models, serving_metrics)
+        serving_metrics.track_backends(lambda: models.backends)
+        ledger = UsageLedger(db, settings.ledger_flush_interval_s, metering)
         app.state.services = Services(settings, db, models, ledger, gate, owned)
         try:
             yield
@@ -114,6 +122,7 @@ def create_app(
             await gate.wait_idle(settings.drain_timeout_s)
             app.state.services = None
             await asyncio.to_thread(ledger.close)
+            metering.close()
             for own in owned:
                 await own.close()
             db.dispose()
@@ -121,9 +130,12 @@ def create_app(
     app = FastAPI(title="talkloop", version="0.1.0", lifespan=lifespan)
     app.state.services = None
     app.state.drain_gate = gate
+    app.state.metrics = serving_metrics
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    app.add_middleware(RateLimitHeadersMiddleware)
     app.add_middleware(DrainMiddleware, gate=gate)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(HttpMetricsMiddleware, metrics=serving_metrics)
     return app

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir)
     database_url: str | None = None  # None: SQLite (WAL) file in data_dir
     redis_url: str | None = None  # None: limits are kept in-process
+    redis_prefix: str = "talkloop:limits:"  # Redis key prefix; one per deployment
+    rate_limit_requests_per_minute: int | None = Field(default=None, ge=1)  # per key; admin
+    rate_limit_tokens_per_minute: int | None = Field(default=None, ge=1)  # rows override
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     # model
