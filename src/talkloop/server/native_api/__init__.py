@@ -1,5 +1,5 @@
 """The native API (`/api`): characters, world books, personas, conversations and their
-messages (SSE replies), feedback. One router module per resource; data goes through
+messages (SSE replies), feedback, group rooms. One router module per resource; data goes through
 `store.native.NativeStore`, scoped to the caller's tenant (and end-user where owned).
 """
 
@@ -11,11 +11,12 @@ from talkloop.server.native_api import (
     feedback,
     messages,
     personas,
+    rooms,
     world_books,
 )
 
 router = APIRouter(prefix="/api")
-for module in (characters, world_books, personas, conversations, messages, feedback):
+for module in (characters, world_books, personas, conversations, messages, feedback, rooms):
     router.include_router(module.router)
 
 __all__ = ["router"]

@@ -51,6 +51,7 @@ class RoomRepo(Scoped):
     def delete(self, room: Room) -> None:
         conversation = self.conversations.get(room.conversation_id)
         self.session.delete(room)
+        self.session.flush()  # NOTE: first, or the conversation's cascade takes the room
         self.session.delete(conversation)
         self.session.flush()
 
@@ -84,3 +85,19 @@ class RoomRepo(Scoped):
         query = self._select(RoomEvent).where(RoomEvent.message_id == message_id)
         event = self.session.scalars(query).first()
         return None if event is None else event.character_id
+
+    def present_character_ids(self, room: Room) -> list[str]:
+        """Characters in the room now, in the order they first joined (from the log)."""
+        present: dict[str, bool] = {}
+        for event in self.events(room):
+            if event.character_id is not None and event.kind != RoomEventKind.MESSAGE:
+                present[event.character_id] = event.kind == RoomEventKind.JOIN
+        return [character_id for character_id, here in present.items() if here]
+
+    def speakers(self, room: Room) -> dict[str, str | None]:
+        """Message id -> the character who said it (None: the user), for every room message."""
+        return {
+            event.message_id: event.character_id
+            for event in self.events(room)
+            if event.kind == RoomEventKind.MESSAGE and event.message_id is not None
+        }
