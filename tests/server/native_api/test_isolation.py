@@ -102,14 +102,17 @@ def test_lists_hold_only_the_callers_rows(
     )
 
 
-def test_openai_route_does_not_reach_another_tenants_character(
-    tenant_b: Tenant, owned: dict[str, Any]
+def test_openai_route_does_not_reach_another_owners_character(
+    tenant_a: Tenant, tenant_b: Tenant, owned: dict[str, Any]
 ) -> None:
     body = {
         "model": f"character/{owned['character']}",
         "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 1,
     }
-    response = tenant_b.whole.post("/v1/chat/completions", json=body)
-    assert response.status_code == 404
-    assert response.json()["error"]["code"] == "model_not_found"
+    for client in intruders(tenant_a, tenant_b).values():
+        for headers in ({}, {"X-Talkloop-Conversation": "new"}):
+            response = client.post("/v1/chat/completions", json=body, headers=headers)
+            assert response.status_code == 404
+            assert response.json()["error"]["code"] == "model_not_found"
+    assert tenant_a.alice.post("/v1/chat/completions", json=body).status_code == 200

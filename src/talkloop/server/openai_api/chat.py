@@ -21,7 +21,7 @@ from talkloop.server.auth import PrincipalDep
 from talkloop.server.deps import ServicesDep
 from talkloop.server.errors import BadRequestError, as_server_error
 from talkloop.server.model_registry import ResolvedModel
-from talkloop.server.openai_api import logprobs, sampling
+from talkloop.server.openai_api import character_chat, logprobs, sampling
 from talkloop.server.openai_api.calls import (
     SSE_DONE,
     Call,
@@ -42,17 +42,20 @@ async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, principal: PrincipalDep, services: ServicesDep
 ) -> Response:
     call = await resolve_call(request, services, principal.acting_for(body.user), body.model)
+    await character_chat.check_visible(services, call)
     sampling.check_response_format(body)
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = sampling.sampling_params(
         body, max_tokens, services.settings.default_max_tokens, sampling.chat_logprobs(body)
     )
     token_bytes = logprobs.token_bytes_for(call.model.backend) if body.logprobs else None
+    chat = ChatStream(call, body, token_bytes)
+    if character_chat.wants_history(request, call):  # server-side history
+        return await character_chat.respond(request, services, call, body, params, chat)
     messages = backend_messages(body, call.model)
     generation_request = GenerationRequest(call.request_id, params, messages=messages)
     meter = call.meter(services, ENDPOINT)
     generation = await Generation.start(call.model.backend, generation_request, meter)
-    chat = ChatStream(call, body, token_bytes)
     if body.stream:
         return sse_response(chat.events(generation), generation)
     return await respond_unless_disconnected(request, chat.collect(generation))
