@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from talkloop.backends.base import GenerationRequest, ModelBackend
 from talkloop.characters.prompt import HistoryMessage
@@ -296,6 +297,7 @@ class RoomTurn:
         self.committed: list[MessagePublic] = []
         self.speaker_ids: list[str] = []
         self.first: Started | None = None
+        self._first_taken = False
 
     @classmethod
     async def begin(
@@ -344,6 +346,14 @@ class RoomTurn:
             raise
         return speaker, generation, writer
 
+    async def close(self) -> None:
+        """After the response: a first reply never streamed (the client left before the body
+        started) is aborted, metered and saved `incomplete`."""
+        if self.first is not None and not self._first_taken:
+            _, generation, writer = self.first
+            await generation.close()
+            await asyncio.to_thread(writer.save, "", MessageStatus.INCOMPLETE)
+
     async def events(self) -> AsyncIterator[Event]:
         """`message` (the user's), then per speaker: `speaker`, `message` (its reply row),
         `delta`s, `done`. A failure is an `error` event and ends the turn."""
@@ -351,6 +361,7 @@ class RoomTurn:
             yield "message", message.model_dump(mode="json")
         for index in range(len(self.speaker_ids)):
             try:
+                self._first_taken = True
                 started = self.first if index == 0 and self.first else await self._start(index)
             except Exception as exc:
                 yield "error", as_server_error(exc).body()
@@ -386,5 +397,13 @@ async def respond(turn: RoomTurn) -> Response:
     events = turn.events()
     if turn.options.stream:
         sse = (sse_event(name, data) async for name, data in events)
-        return StreamingResponse(sse, media_type="text/event-stream", headers=SSE_HEADERS)
-    return JSONResponse(await collect(events))
+        return StreamingResponse(
+            sse,
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+            background=BackgroundTask(turn.close),
+        )
+    try:
+        return JSONResponse(await collect(events))
+    finally:
+        await turn.close()
