@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from talkloop.engine.config import CacheConfig, EngineConfig
+from talkloop.engine.config import CacheConfig, EngineConfig, SpeculativeConfig
 from talkloop.engine.errors import EngineError
 from talkloop.engine.llm_engine import LLMEngine
 from talkloop.engine.loader import LoadedModel, build_engine, load_model
@@ -33,6 +33,13 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="cpu")
     group.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     group.add_argument("--max-model-len", type=int, help="context window to serve")
+    group.add_argument(
+        "--speculative",
+        choices=["none", "ngram", "draft"],
+        default="none",
+        help="speculative decoding: n-gram prompt lookup, or a draft model (--draft-model)",
+    )
+    group.add_argument("--draft-model", help="draft model path (see `talkloop train-draft`)")
     group.add_argument("--kv-cache-mb", type=int, help="KV cache budget in MiB")
 
 
@@ -85,7 +92,9 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         device=args.device,
         num_threads=args.threads,
         max_model_len=args.max_model_len,
+        quantization=args.quantization if args.device == "cpu" else "none",
         cache=CacheConfig(kv_cache_bytes=kv_bytes),
+        speculative=SpeculativeConfig(method=args.speculative, draft_model=args.draft_model),
     )
 
 
@@ -214,6 +223,41 @@ def cmd_chat(args: argparse.Namespace) -> int:
         ]
 
 
+def cmd_train_draft(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from talkloop.engine.draft_training import DraftTrainingConfig
+    from talkloop.train_draft import run
+
+    training = DraftTrainingConfig(
+        num_layers=args.layers,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+    )
+
+    def progress(step: int, loss: float) -> None:
+        if step % 10 == 0 or step == training.steps - 1:
+            print(f"step {step + 1}/{training.steps}  loss {loss:.3f}", flush=True)
+
+    report = run(
+        Path(args.out),
+        args.model,
+        training,
+        args.prompts,
+        Path(args.conversations) if args.conversations else None,
+        args.max_tokens,
+        progress,
+    )
+    print(
+        f"draft saved to {report.output}: acceptance {report.acceptance_before:.1%} -> "
+        f"{report.acceptance_after:.1%} on {report.num_eval_prompts} held-out prompts "
+        f"(generated {report.generate_seconds:.0f} s, trained {report.train_seconds:.0f} s)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="talkloop", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -240,6 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--data-dir", help="database and files (default ./data or XDG)")
     srv.add_argument("--dev", action="store_true", help="dev mode: allow default secrets")
     srv.set_defaults(func=cmd_serve)
+    draft = sub.add_parser("train-draft", help="train a speculative-decoding draft on CPU")
+    draft.add_argument("--out", required=True, help="folder for the draft (safetensors)")
+    draft.add_argument("--model", help="target model (default: bundled)")
+    draft.add_argument("--conversations", help="JSONL conversation log ({'messages': [...]})")
+    draft.add_argument("--prompts", type=int, default=320, help="prompts to learn from")
+    draft.add_argument("--max-tokens", type=int, default=96, help="reply length per prompt")
+    draft.add_argument("--layers", type=int, default=2, help="draft depth (target layers kept)")
+    draft.add_argument("--steps", type=int, default=150)
+    draft.add_argument("--batch-size", type=int, default=8)
+    draft.add_argument("--learning-rate", type=float, default=3e-4)
+    draft.add_argument("--seed", type=int, default=0)
+    draft.set_defaults(func=cmd_train_draft)
     return parser
 
 

@@ -73,3 +73,32 @@ def load_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             _load_moe(layer.mlp, tensors, f"{prefix}.mlp")
         else:
             _load_dense(layer.mlp, tensors, f"{prefix}.mlp")
+
+
+def canonical_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The inverse of `load_into` for dense models: fused parameters back to canonical names."""
+    config = model.config
+    if config.is_moe:
+        raise ValueError("canonical_tensors supports dense models only")
+    out = {"model.embed_tokens.weight": model.embed_tokens, "model.norm.weight": model.norm.weight}
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = model.lm_head.weight
+    q_size = config.num_heads * config.head_dim
+    kv_size = config.num_kv_heads * config.head_dim
+    for i, layer in enumerate(model.layers):
+        prefix = f"model.layers.{i}"
+        out[f"{prefix}.input_layernorm.weight"] = layer.input_norm.weight
+        out[f"{prefix}.post_attention_layernorm.weight"] = layer.post_attn_norm.weight
+        q, k, v = layer.attn.qkv.weight.split([q_size, kv_size, kv_size])
+        for name, value in (("q", q), ("k", k), ("v", v)):
+            out[f"{prefix}.self_attn.{name}_proj.weight"] = value
+        if layer.attn.qkv.bias is not None:
+            biases = layer.attn.qkv.bias.split([q_size, kv_size, kv_size])
+            for name, value in zip("qkv", biases, strict=True):
+                out[f"{prefix}.self_attn.{name}_proj.bias"] = value
+        out[f"{prefix}.self_attn.o_proj.weight"] = layer.attn.o_proj.weight
+        gate, up = layer.mlp.gate_up.weight.chunk(2)
+        out[f"{prefix}.mlp.gate_proj.weight"] = gate
+        out[f"{prefix}.mlp.up_proj.weight"] = up
+        out[f"{prefix}.mlp.down_proj.weight"] = layer.mlp.down.weight
+    return {name: t.detach().float().clone() for name, t in out.items()}
