@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from talkloop.engine.errors import InvalidRequestError
+from talkloop.engine.structured.spec import StructuredOutput
 
 
 def _check(ok: bool, param: str, message: str) -> None:
@@ -31,6 +32,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None  # constrained decoding (JSON Schema, regex, choice)
 
     def __post_init__(self) -> None:
         _check(self.max_tokens >= 1, "max_tokens", f"must be >= 1, got {self.max_tokens}")
@@ -66,6 +68,11 @@ class SamplingParams:
             all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"
         )
         _check(len(self.stop) <= 16, "stop", f"allows at most 16 strings, got {len(self.stop)}")
+        _check(
+            self.structured is None or isinstance(self.structured, StructuredOutput),
+            "structured",
+            f"must be a StructuredOutput or None, got {type(self.structured).__name__}",
+        )
 
     @property
     def greedy(self) -> bool:
