@@ -18,7 +18,7 @@ from fastapi import APIRouter, FastAPI
 from talkloop.backends.base import ModelBackend
 from talkloop.backends.engine_backend import AdmissionLimits, EngineBackend
 from talkloop.backends.remote import RemoteBackend, RemoteConfig, parse_replica_urls
-from talkloop.engine.config import CacheConfig, EngineConfig
+from talkloop.engine.config import CacheConfig, EngineConfig, SpeculativeConfig
 from talkloop.server import admin_api, health, metrics, openai_api, usage_api
 from talkloop.server.bootstrap import bootstrap
 from talkloop.server.db.database import Database
@@ -72,7 +72,11 @@ def build_backend(settings: Settings) -> ModelBackend:
         dtype=settings.dtype,
         num_threads=settings.num_threads,
         max_model_len=settings.max_model_len,
+        quantization=settings.quantization,
         cache=CacheConfig(kv_cache_bytes=kv_bytes),
+        speculative=SpeculativeConfig(
+            method=settings.speculative, draft_model=settings.draft_model
+        ),
     )
     limits = AdmissionLimits(settings.max_queued_requests, settings.max_queued_prompt_tokens)
     return EngineBackend.from_config(config, settings.served_model_name, limits)
