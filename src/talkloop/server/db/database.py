@@ -38,10 +38,14 @@ def build_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 10})
+        # NOTE: a request may hold two sessions at once (auth, then resolution/metering), so
+        # the pool must exceed twice the expected concurrency; SQLite connections are cheap.
+        engine = create_engine(
+            url, connect_args={"timeout": 10}, pool_size=32, max_overflow=64, pool_timeout=10
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=40, pool_timeout=10)
 
 
 class Database:
