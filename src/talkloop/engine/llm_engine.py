@@ -10,6 +10,7 @@ import itertools
 import logging
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceOf
+from typing import Any, Protocol
 
 import torch
 
@@ -32,11 +33,18 @@ from talkloop.engine.sampling_params import SamplingParams
 from talkloop.engine.scheduler import Scheduler
 from talkloop.engine.sequence import FinishReason, Sequence
 from talkloop.engine.speculative import Speculator
+from talkloop.engine.structured.spec import StructuredOutput
 from talkloop.engine.system import kv_cache_num_blocks, setup_torch
 
 logger = logging.getLogger(__name__)
 
 DetokenizerFactory = Callable[[SamplingParams, list[int]], Detokenizer]
+
+
+class GrammarCompilerLike(Protocol):
+    """`structured.grammar.GrammarCompiler` (kept behind a protocol: llguidance loads lazily)."""
+
+    def compile(self, spec: StructuredOutput) -> Any: ...
 
 
 class LLMEngine:
@@ -46,6 +54,7 @@ class LLMEngine:
         config: EngineConfig,
         detokenizer_factory: DetokenizerFactory,
         stop_token_ids: SequenceOf[int] = (),
+        grammar_compiler: Callable[[], GrammarCompilerLike] | None = None,
     ) -> None:
         setup_torch(config)
         self.config = config
@@ -69,6 +78,8 @@ class LLMEngine:
         self.speculator = Speculator(config.speculative)
         self.stop_token_ids = frozenset(stop_token_ids)
         self._detokenizer_factory = detokenizer_factory
+        self._grammar_compiler_factory = grammar_compiler
+        self._grammar_compiler: GrammarCompilerLike | None = None
         self._requests: dict[str, list[Sequence]] = {}
         self._text: dict[int, TextState] = {}
         self._seq_ids = itertools.count()
@@ -81,9 +92,13 @@ class LLMEngine:
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         self._validate(prompt_token_ids, params)
+        # Compile first: a bad schema or regex is refused before anything is queued.
+        grammar = self._compiler().compile(params.structured) if params.structured else None
         seqs = [
             self._new_sequence(request_id, i, prompt_token_ids, params) for i in range(params.n)
         ]
+        for seq in seqs:
+            seq.grammar = grammar.matcher() if grammar is not None else None
         self._requests[request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
@@ -143,6 +158,8 @@ class LLMEngine:
         self, seq: Sequence, token_id: int, row: int = 0, sampled: SamplerOutput | None = None
     ) -> None:
         seq.append_token(token_id)
+        if seq.grammar is not None and not seq.grammar.is_finished:
+            seq.grammar.advance(token_id)
         state = self._text[seq.seq_id]
         if sampled is not None and sampled.logprobs is not None and seq.params.logprobs is not None:
             state.pending_logprobs.append(
@@ -179,6 +196,16 @@ class LLMEngine:
         return outputs
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _compiler(self) -> GrammarCompilerLike:
+        if self._grammar_compiler is None:
+            if self._grammar_compiler_factory is None:
+                raise InvalidRequestError(
+                    "structured output needs a tokenizer-backed engine (none configured)",
+                    "response_format",
+                )
+            self._grammar_compiler = self._grammar_compiler_factory()
+        return self._grammar_compiler
+
     def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         vocab_size = self.model_config.vocab_size
         if not prompt_token_ids:

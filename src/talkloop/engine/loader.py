@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from talkloop.engine.output_processor import Detokenizer
 from talkloop.engine.sampling_params import SamplingParams
 from talkloop.engine.tokenizer import Tokenizer
 from talkloop.engine.weights import load_checkpoint
+
+if TYPE_CHECKING:
+    from talkloop.engine.structured.grammar import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +73,13 @@ def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> LLM
         )
 
     stop_ids = set(tokenizer.stop_token_ids) | set(loaded.model.config.eos_token_ids)
-    engine = LLMEngine(loaded.model, config, detokenizer, sorted(stop_ids))
+
+    def grammar_compiler() -> GrammarCompiler:
+        from talkloop.engine.structured.grammar import GrammarCompiler
+
+        return GrammarCompiler(tokenizer)
+
+    engine = LLMEngine(loaded.model, config, detokenizer, sorted(stop_ids), grammar_compiler)
     spec = config.speculative
     if spec.method == "draft" and spec.draft_model:
         draft_config = replace(config, model=spec.draft_model, speculative=SpeculativeConfig())

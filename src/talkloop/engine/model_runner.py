@@ -80,7 +80,12 @@ class ModelRunner:
         sampled = None
         if sampled_seqs:
             batch = build_sampling_batch(sampled_seqs)
-            sampled = sample(logits[self._tensor(sample_rows)], batch)
+            rows = logits[self._tensor(sample_rows)]
+            if any(seq.grammar is not None for seq in sampled_seqs):
+                from talkloop.engine.structured.bitmask import apply_grammar_masks
+
+                apply_grammar_masks(rows, [seq.grammar for seq in sampled_seqs])
+            sampled = sample(rows, batch)
         verify_logits = logits[self._tensor(verify_rows)] if verify else None
         return RunnerOutput(sampled_seqs, sampled, verify, verify_logits)
 

@@ -50,6 +50,7 @@ class Sequence:
     draft_token_ids: list[int] = field(default_factory=list)  # this step's drafts, unverified
     spec_tracker: Any = None  # speculative.AcceptanceTracker when speculation is on
     draft_num_computed: int = 0  # positions whose draft-model KV is valid
+    grammar: Any = None  # structured.matcher.GrammarMatcher when the output is constrained
 
     @property
     def token_ids(self) -> list[int]:

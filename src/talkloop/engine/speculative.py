@@ -168,6 +168,7 @@ class Speculator:
         params = seq.params
         if (
             seq.num_uncomputed_tokens != 1
+            or seq.grammar is not None
             or params.logprobs is not None
             or params.repetition_penalty != 1.0
             or params.presence_penalty
