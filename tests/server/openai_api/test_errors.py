@@ -32,7 +32,8 @@ HELLO = [{"role": "user", "content": "Hi"}]
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"stop": [""]}, "stop"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "regex", "regex": "(unclosed"}}, "response_format"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"extra_body": {"top_k": -1}}, "top_k"),
         ({"extra_body": {"min_p": 2}}, "min_p"),
@@ -56,13 +57,6 @@ def test_bad_parameters_are_400_naming_the_param(
     assert caught.value.param == param
     assert caught.value.type == "invalid_request_error"
     assert caught.value.response.headers["x-should-retry"] == "false"
-
-
-def test_json_schema_response_format_is_not_supported_yet(client: openai.OpenAI) -> None:
-    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
-    with pytest.raises(openai.BadRequestError, match="not supported yet") as caught:
-        client.chat.completions.create(model=MODEL, messages=HELLO, response_format=schema)  # type: ignore[arg-type]
-    assert caught.value.code == "unsupported_parameter"
 
 
 def test_unknown_model_is_404_model_not_found(client: openai.OpenAI) -> None:

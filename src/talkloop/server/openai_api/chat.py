@@ -43,10 +43,13 @@ async def create_chat_completion(
 ) -> Response:
     call = await resolve_call(request, services, principal.acting_for(body.user), body.model)
     await character_chat.check_visible(services, call)
-    sampling.check_response_format(body)
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = sampling.sampling_params(
-        body, max_tokens, services.settings.default_max_tokens, sampling.chat_logprobs(body)
+        body,
+        max_tokens,
+        services.settings.default_max_tokens,
+        sampling.chat_logprobs(body),
+        sampling.structured_output(body),
     )
     token_bytes = logprobs.token_bytes_for(call.model.backend) if body.logprobs else None
     chat = ChatStream(call, body, token_bytes)

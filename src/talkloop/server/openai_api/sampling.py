@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from talkloop.engine.errors import InvalidRequestError
 from talkloop.engine.sampling_params import SamplingParams
+from talkloop.engine.structured.spec import StructuredOutput
 from talkloop.server.errors import BadRequestError
 from talkloop.server.openai_api.schemas import ChatCompletionRequest, SamplingFields
 
@@ -55,18 +57,22 @@ def chat_logprobs(body: ChatCompletionRequest) -> int | None:
     return (body.top_logprobs or 0) if body.logprobs else None
 
 
-def check_response_format(body: ChatCompletionRequest) -> None:
-    if body.response_format is not None and body.response_format.type != "text":
-        raise BadRequestError(
-            f"response_format {body.response_format.type!r} is not supported yet "
-            "(constrained decoding is not available); use 'text'",
-            param="response_format",
-            code="unsupported_parameter",
-        )
+def structured_output(body: ChatCompletionRequest) -> StructuredOutput | None:
+    """The constraint `response_format` asks for (None for text); errors name the field."""
+    if body.response_format is None:
+        return None
+    try:
+        return StructuredOutput.from_response_format(body.response_format.model_dump())
+    except InvalidRequestError as exc:
+        raise BadRequestError(str(exc), param="response_format") from None
 
 
 def sampling_params(
-    body: SamplingFields, max_tokens: int | None, default_max_tokens: int, logprobs: int | None
+    body: SamplingFields,
+    max_tokens: int | None,
+    default_max_tokens: int,
+    logprobs: int | None,
+    structured: StructuredOutput | None = None,
 ) -> SamplingParams:
     check_stream_options(body)
     given: dict[str, Any] = {
@@ -86,5 +92,6 @@ def sampling_params(
         logit_bias=logit_bias(body.logit_bias),
         logprobs=logprobs,
         ignore_eos=body.ignore_eos,
+        structured=structured,
         **{name: value for name, value in given.items() if value is not None},
     )

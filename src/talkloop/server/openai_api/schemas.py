@@ -30,8 +30,11 @@ class StreamOptions(Lenient):
     include_usage: bool = False
 
 
-class ResponseFormat(Lenient):
-    type: Literal["text", "json_object", "json_schema"]
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`, plus talkloop's `regex` and `choice` types."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)  # keeps `json_schema`, `regex` ...
+    type: Literal["text", "json_object", "json_schema", "regex", "choice"]
 
 
 class SamplingFields(Lenient):
