@@ -154,8 +154,47 @@ class UsageLedger:
         logger.error("usage ledger rows dropped after %d attempts: %s", WRITE_ATTEMPTS, rows)
 
 
+class Caller(Protocol):
+    """Who is metered (an `auth.Principal`)."""
+
+    @property
+    def tenant_id(self) -> str: ...
+    @property
+    def key_id(self) -> str: ...
+    @property
+    def end_user(self) -> str | None: ...
+
+
 class Meter:
     """Measures one request; `finish` records its single ledger row (later calls do nothing)."""
+
+    @classmethod
+    def start(
+        cls,
+        ledger: UsageLedger,
+        caller: Caller,
+        request_id: str,
+        *,
+        model: str,
+        endpoint: str,
+        character_id: str | None = None,
+    ) -> Meter:
+        """A meter whose row starts at zero tokens and status ok."""
+        template = UsageEntry(
+            request_id=request_id,
+            tenant_id=caller.tenant_id,
+            api_key_id=caller.key_id,
+            end_user=caller.end_user,
+            model=model,
+            character_id=character_id,
+            endpoint=endpoint,
+            prompt_tokens=0,
+            cached_tokens=0,
+            completion_tokens=0,
+            latency_ms=0,
+            status=UsageStatus.OK,
+        )
+        return cls(ledger, template)
 
     def __init__(self, ledger: UsageLedger, template: UsageEntry) -> None:
         self._ledger = ledger

@@ -25,9 +25,9 @@ from pydantic import BaseModel, Field
 from talkloop.backends.base import GenerationRequest, ModelBackend
 from talkloop.engine.sampling_params import SamplingParams
 from talkloop.server.auth import Principal
-from talkloop.server.db.models import MessageStatus, UsageStatus
+from talkloop.server.db.models import MessageStatus
 from talkloop.server.errors import as_server_error
-from talkloop.server.ledger import Meter, UsageEntry
+from talkloop.server.ledger import Meter
 from talkloop.server.native_api.message_views import MessagePublic, message_public
 from talkloop.server.openai_api.calls import SSE_HEADERS, usage_body
 from talkloop.server.openai_api.generation import Generation
@@ -136,21 +136,14 @@ async def reply_events(
 
 
 def meter(services: Services, principal: Principal, request_id: str, plan: ReplyPlan) -> Meter:
-    template = UsageEntry(
-        request_id=request_id,
-        tenant_id=principal.tenant_id,
-        api_key_id=principal.key_id,
-        end_user=principal.end_user,
+    return Meter.start(
+        services.ledger,
+        principal,
+        request_id,
         model=services.models.default.model_name,
-        character_id=plan.character_id,
         endpoint=ENDPOINT,
-        prompt_tokens=0,
-        cached_tokens=0,
-        completion_tokens=0,
-        latency_ms=0,
-        status=UsageStatus.OK,
+        character_id=plan.character_id,
     )
-    return Meter(services.ledger, template)
 
 
 async def respond(

@@ -33,9 +33,9 @@ from talkloop.characters.rooms import (
 )
 from talkloop.engine.sampling_params import SamplingParams
 from talkloop.server.auth import Principal
-from talkloop.server.db.models import MessageStatus, UsageStatus
+from talkloop.server.db.models import MessageStatus
 from talkloop.server.errors import BadRequestError, as_server_error
-from talkloop.server.ledger import Meter, UsageEntry
+from talkloop.server.ledger import Meter
 from talkloop.server.native_api import prompting
 from talkloop.server.native_api.message_views import MessagePublic, message_public
 from talkloop.server.native_api.replies import (
@@ -227,21 +227,14 @@ def room_meter(
     character_id: str | None,
     endpoint: str,
 ) -> Meter:
-    template = UsageEntry(
-        request_id=request_id,
-        tenant_id=principal.tenant_id,
-        api_key_id=principal.key_id,
-        end_user=principal.end_user,
+    return Meter.start(
+        services.ledger,
+        principal,
+        request_id,
         model=services.models.default.model_name,
-        character_id=character_id,
         endpoint=endpoint,
-        prompt_tokens=0,
-        cached_tokens=0,
-        completion_tokens=0,
-        latency_ms=0,
-        status=UsageStatus.OK,
+        character_id=character_id,
     )
-    return Meter(services.ledger, template)
 
 
 # ---------------------------------------------------------------- the director's model call

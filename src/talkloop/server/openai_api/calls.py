@@ -19,8 +19,7 @@ from starlette.background import BackgroundTask
 
 from talkloop.backends.base import Usage
 from talkloop.server.auth import Principal
-from talkloop.server.db.models import UsageStatus
-from talkloop.server.ledger import Meter, UsageEntry
+from talkloop.server.ledger import Meter
 from talkloop.server.model_registry import ResolvedModel
 from talkloop.server.openai_api.generation import Generation
 from talkloop.server.services import Services
@@ -37,21 +36,14 @@ class Call:
     created: int  # unix seconds, as OpenAI reports it
 
     def meter(self, services: Services, endpoint: str) -> Meter:
-        template = UsageEntry(
-            request_id=self.request_id,
-            tenant_id=self.principal.tenant_id,
-            api_key_id=self.principal.key_id,
-            end_user=self.principal.end_user,
+        return Meter.start(
+            services.ledger,
+            self.principal,
+            self.request_id,
             model=self.model.backend.model_name,
-            character_id=self.model.character_id,
             endpoint=endpoint,
-            prompt_tokens=0,
-            cached_tokens=0,
-            completion_tokens=0,
-            latency_ms=0,
-            status=UsageStatus.OK,
+            character_id=self.model.character_id,
         )
-        return Meter(services.ledger, template)
 
 
 async def resolve_call(

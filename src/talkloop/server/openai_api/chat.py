@@ -30,7 +30,11 @@ from talkloop.server.openai_api.calls import (
     sse_response,
     usage_body,
 )
-from talkloop.server.openai_api.generation import Generation, respond_unless_disconnected
+from talkloop.server.openai_api.generation import (
+    Generation,
+    gather_choices,
+    respond_unless_disconnected,
+)
 from talkloop.server.openai_api.schemas import ChatCompletionRequest, ChatMessage
 
 router = APIRouter()
@@ -171,21 +175,14 @@ class ChatStream:
         yield SSE_DONE
 
     async def collect(self, generation: Generation) -> dict[str, Any]:
-        texts = [""] * self.n
-        items: list[list[TokenLogprob]] = [[] for _ in range(self.n)]
-        reasons: list[str | None] = [None] * self.n
-        async for chunk in generation.chunks():
-            texts[chunk.index] += chunk.text
-            items[chunk.index] += chunk.logprobs or ()
-            reasons[chunk.index] = chunk.finish_reason or reasons[chunk.index]
         choices = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": texts[i], "refusal": None},
-                "logprobs": self._logprobs(items[i]),
-                "finish_reason": reasons[i] or "stop",
+                "message": {"role": "assistant", "content": choice.text, "refusal": None},
+                "logprobs": self._logprobs(choice.logprobs),
+                "finish_reason": choice.finish_reason,
             }
-            for i in range(self.n)
+            for i, choice in enumerate(await gather_choices(generation, self.n))
         ]
         body = self._chunk(choices) | {
             "object": "chat.completion",

@@ -26,7 +26,11 @@ from talkloop.server.openai_api.calls import (
     sse_response,
     usage_body,
 )
-from talkloop.server.openai_api.generation import Generation, respond_unless_disconnected
+from talkloop.server.openai_api.generation import (
+    Generation,
+    gather_choices,
+    respond_unless_disconnected,
+)
 from talkloop.server.openai_api.schemas import CompletionRequest
 
 router = APIRouter()
@@ -131,20 +135,13 @@ class CompletionStream:
         yield SSE_DONE
 
     async def collect(self, generation: Generation) -> dict[str, Any]:
-        texts = [""] * self.n
-        items: list[list[TokenLogprob]] = [[] for _ in range(self.n)]
-        reasons: list[str | None] = [None] * self.n
-        async for chunk in generation.chunks():
-            texts[chunk.index] += chunk.text
-            items[chunk.index] += chunk.logprobs or ()
-            reasons[chunk.index] = chunk.finish_reason or reasons[chunk.index]
         choices = [
             {
                 "index": i,
-                "text": texts[i],
-                "logprobs": self._logprobs(items[i], 0),
-                "finish_reason": reasons[i] or "stop",
+                "text": choice.text,
+                "logprobs": self._logprobs(choice.logprobs, 0),
+                "finish_reason": choice.finish_reason,
             }
-            for i in range(self.n)
+            for i, choice in enumerate(await gather_choices(generation, self.n))
         ]
         return self._body(choices) | {"usage": usage_body(generation.usage)}

@@ -23,7 +23,7 @@ from talkloop.server.auth import Principal, PrincipalDep
 from talkloop.server.db.models import UsageStatus
 from talkloop.server.deps import ServicesDep
 from talkloop.server.errors import BadRequestError, NotFoundError
-from talkloop.server.ledger import Meter, UsageEntry
+from talkloop.server.ledger import Meter
 from talkloop.server.openai_api.schemas import Lenient
 from talkloop.server.services import Services
 
@@ -104,21 +104,7 @@ def encode_vector(vector: torch.Tensor, encoding_format: str) -> list[float] | s
 
 
 def meter_for(services: Services, request_id: str, principal: Principal) -> Meter:
-    template = UsageEntry(
-        request_id=request_id,
-        tenant_id=principal.tenant_id,
-        api_key_id=principal.key_id,
-        end_user=principal.end_user,
-        model=MODEL_NAME,
-        character_id=None,
-        endpoint=ENDPOINT,
-        prompt_tokens=0,
-        cached_tokens=0,
-        completion_tokens=0,
-        latency_ms=0,
-        status=UsageStatus.OK,
-    )
-    return Meter(services.ledger, template)
+    return Meter.start(services.ledger, principal, request_id, model=MODEL_NAME, endpoint=ENDPOINT)
 
 
 @router.post("/embeddings")

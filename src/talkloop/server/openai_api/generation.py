@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -24,6 +25,7 @@ from talkloop.backends.base import (
 )
 from talkloop.backends.engine_backend import EngineBackend
 from talkloop.engine.errors import InvalidRequestError
+from talkloop.engine.outputs import TokenLogprob
 from talkloop.server.db.models import UsageStatus
 from talkloop.server.ledger import Meter
 
@@ -117,6 +119,27 @@ class Generation:
             usage = Usage(self._count_prompt(), self._completion_tokens, 0)
         self._meter.usage = usage
         self._meter.finish(status)
+
+
+@dataclass(frozen=True)
+class GatheredChoice:
+    """One choice of a non-streamed reply: all its text, logprobs and why it ended."""
+
+    text: str
+    logprobs: list[TokenLogprob]
+    finish_reason: str
+
+
+async def gather_choices(generation: Generation, n: int) -> list[GatheredChoice]:
+    """Collect a whole generation, choice by choice (for non-streamed responses)."""
+    texts = [""] * n
+    items: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    reasons: list[str | None] = [None] * n
+    async for chunk in generation.chunks():
+        texts[chunk.index] += chunk.text
+        items[chunk.index] += chunk.logprobs or ()
+        reasons[chunk.index] = chunk.finish_reason or reasons[chunk.index]
+    return [GatheredChoice(texts[i], items[i], reasons[i] or "stop") for i in range(n)]
 
 
 def _refusal_status(exc: BaseException) -> UsageStatus:
