@@ -3,6 +3,8 @@
 `{"error": {"message", "type", "param", "code"}}` with the HTTP status of the error class;
 engine and backend errors, FastAPI validation (400, not 422) and unknown routes map here too.
 `Retry-After` accompanies 429 and 503; `x-should-retry: false` marks errors a retry cannot fix.
+`ERROR_RESPONSES` documents the envelope on the API routers; `install_error_handlers` also drops
+FastAPI's 422 from the OpenAPI document, since validation errors are sent as 400.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from talkloop.backends.base import BackendError, BackendOverloadedError
@@ -121,6 +124,36 @@ class ShuttingDownError(RetryableError):
     default_code = "shutting_down"
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorEnvelope(BaseModel):
+    """The body of every error response (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
+ERROR_STATUSES = {
+    400: "Invalid request: bad JSON, a field out of range, an unsupported option",
+    401: "Missing, malformed, unknown or revoked API key",
+    403: "The key may not do this (admin only), or its tenant is disabled",
+    404: "No such resource, or it belongs to another tenant",
+    409: "The request conflicts with the resource's current state",
+    429: "Rate limited (retry after `Retry-After`) or out of quota (no retry)",
+    500: "Internal or model backend error",
+    503: "Overloaded or shutting down (retry after `Retry-After`)",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorEnvelope, "description": description}
+    for status, description in ERROR_STATUSES.items()
+}
+VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
+
+
 def error_body(
     message: str, error_type: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
@@ -179,7 +212,8 @@ def _http_error(exc: StarletteHTTPException) -> ServerError:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Route every error the app can raise through `error_response`."""
+    """Route every error the app can raise through `error_response`; the OpenAPI document
+    then shows validation errors as the 400 they are sent as, not FastAPI's 422."""
 
     for exc_type in (
         RequestValidationError,
@@ -190,6 +224,24 @@ def install_error_handlers(app: FastAPI) -> None:
         Exception,
     ):
         app.add_exception_handler(exc_type, _handle)
+    build_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        document = build_openapi()  # built once, then cached on the app
+        _drop_validation_responses(document)  # idempotent
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _drop_validation_responses(document: dict[str, Any]) -> None:
+    """Removes FastAPI's 422 responses (and their schemas) from `document`, in place."""
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+    schemas = document.get("components", {}).get("schemas", {})
+    for name in VALIDATION_SCHEMAS:
+        schemas.pop(name, None)
 
 
 async def _handle(_request: Request, exc: Exception) -> JSONResponse:

@@ -17,7 +17,7 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses={503: {"description": "Not ready: `checks` names what is not"}})
 async def ready(request: Request) -> JSONResponse:
     services: Services | None = getattr(request.app.state, "services", None)
     checks = {"database": False, "model": False}

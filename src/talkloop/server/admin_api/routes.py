@@ -13,9 +13,10 @@ from talkloop.server.admin_api.schemas import (
 )
 from talkloop.server.auth import AdminDep
 from talkloop.server.deps import SessionDep
+from talkloop.server.errors import ERROR_RESPONSES
 from talkloop.server.store import PlatformStore
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(prefix="/admin", tags=["admin"], responses=ERROR_RESPONSES)
 
 
 @router.post("/tenants", status_code=201)

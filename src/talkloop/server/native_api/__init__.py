@@ -5,6 +5,7 @@ messages (SSE replies), feedback, group rooms. One router module per resource; d
 
 from fastapi import APIRouter
 
+from talkloop.server.errors import ERROR_RESPONSES
 from talkloop.server.native_api import (
     characters,
     conversations,
@@ -15,7 +16,7 @@ from talkloop.server.native_api import (
     world_books,
 )
 
-router = APIRouter(prefix="/api")
+router = APIRouter(prefix="/api", responses=ERROR_RESPONSES)
 for module in (characters, world_books, personas, conversations, messages, feedback, rooms):
     router.include_router(module.router)
 

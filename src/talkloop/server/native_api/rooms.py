@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from talkloop.server.deps import ServicesDep
 from talkloop.server.errors import BadRequestError, ConflictError, NotFoundError
@@ -38,7 +38,7 @@ class RoomCreate(Strict):
     strategy: Strategy = "round_robin"
     persona_id: str | None = None
     title: str = Field(default="", max_length=200)
-    seed: int | None = Field(default=None, ge=0, description="natural order's seed")
+    seed: StrictInt | None = Field(default=None, ge=0, description="natural order's seed")
 
 
 class MemberJoin(Strict):

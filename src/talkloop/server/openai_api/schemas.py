@@ -12,7 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    """Lenient about unknown fields, strict about types: JSON's own, no coercion (`0` is not
+    `false`, `"7"` is not `7`), as OpenAI refuses them too."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
 
 class TextPart(Lenient):

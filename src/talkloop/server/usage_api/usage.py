@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
+from pydantic import BeforeValidator
 from sqlalchemy.orm import Session
 
 from talkloop.server.auth import Principal, PrincipalDep
@@ -24,8 +25,22 @@ from talkloop.server.usage_api.schemas import QuotaStatusPublic, UsageLinePublic
 
 router = APIRouter(prefix="/usage", tags=["usage"])
 CSV_PAGE_ROWS = 1000
-FromQuery = Annotated[datetime | None, Query(alias="from", description="inclusive, UTC")]
-ToQuery = Annotated[datetime | None, Query(alias="to", description="exclusive, UTC")]
+
+
+def _not_a_timestamp(value: object) -> object:
+    """Refuses a number: pydantic would read it as Unix seconds, the API takes ISO 8601."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return value
+        raise ValueError(f"expected an ISO 8601 date or date-time, got {value!r}")
+    return value
+
+
+IsoDateTime = Annotated[datetime, BeforeValidator(_not_a_timestamp)]
+FromQuery = Annotated[IsoDateTime | None, Query(alias="from", description="inclusive, UTC")]
+ToQuery = Annotated[IsoDateTime | None, Query(alias="to", description="exclusive, UTC")]
 
 
 def target_tenant(session: Session, principal: Principal, tenant_id: str | None) -> str:
@@ -93,7 +108,11 @@ def get_quota_status(
     ]
 
 
-@router.get("/export.csv")
+@router.get(
+    "/export.csv",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/csv": {}}}},
+)
 def export_csv(
     principal: PrincipalDep,
     session: SessionDep,
