@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -243,6 +244,7 @@ def main() -> None:
         "llguidance": llguidance.__version__,
         "vocab_size": tokenizer.vocab_size,
         "repeats": args.repeats,
+        "load_average_1m_start": os.getloadavg()[0],  # the machine is shared: read with care
         "startup": _median([startup(tokenizer) for _ in range(args.repeats)]),
         "batches": {},
     }
@@ -256,6 +258,7 @@ def main() -> None:
         row["min_us_per_token"] = min(r["us_per_token"] for r in runs)
         result["batches"][str(batch)] = row
         print(f"batch {batch}: " + ", ".join(f"{k}={v:.3g}" for k, v in row.items()))
+    result["load_average_1m_end"] = os.getloadavg()[0]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "structured.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["startup"]))

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jsonschema_rs
-import llguidance
 import pytest
 import torch
 
@@ -20,7 +19,12 @@ from talkloop.engine.config import EngineConfig
 from talkloop.engine.errors import InvalidRequestError
 from talkloop.engine.loader import LoadedModel, load_model
 from talkloop.engine.sampling_params import SamplingParams
-from talkloop.engine.structured.bitmask import apply_grammar_masks, fill_bitmasks
+from talkloop.engine.structured.bitmask import (
+    apply_grammar_masks,
+    blocked_tokens,
+    fill_bitmasks,
+    unpack_bitmask,
+)
 from talkloop.engine.structured.grammar import GrammarCompiler, check_structured_output
 from talkloop.engine.structured.matcher import GrammarMatcher, GrammarViolationError
 from talkloop.engine.structured.spec import StructuredOutput
@@ -423,6 +427,25 @@ def test_bitmask_row_is_checked(compiler: GrammarCompiler) -> None:
 # ---------------------------------------------------------------- batched masking
 
 
+def test_unpack_bitmask_matches_bit_arithmetic() -> None:
+    words = torch.randint(-(2**31), 2**31 - 1, (3, 3), dtype=torch.int32)
+    words[0, 2] = -(2**31)  # bit 31 alone
+    expected = [
+        [bool((int(words[r, t // 32]) >> (t % 32)) & 1) for t in range(70)] for r in range(3)
+    ]
+    assert unpack_bitmask(words, 70).tolist() == expected
+    for num_columns in (60, 70, 80):  # a truncated, an exact, a padded embedding
+        blocked = blocked_tokens(words, 70, num_columns, eos_token_ids=[1])
+        assert blocked.shape == (3, num_columns)
+        assert blocked[:, :60].tolist() == [[not bit for bit in row[:60]] for row in expected]
+        assert bool(blocked[:, 70:].all())
+    nothing = torch.zeros(1, 3, dtype=torch.int32)
+    assert blocked_tokens(nothing, 70, 70, [5, 9]).logical_not().nonzero().tolist() == [
+        [0, 5],
+        [0, 9],
+    ]
+
+
 def _batch_matchers(compiler: GrammarCompiler, tokenizer: Tokenizer) -> list[GrammarMatcher | None]:
     started = compiler.matcher(Spec.from_json_schema(SCHEMAS["nested"]))
     for token_id in _ids(tokenizer, '{"user": {"id": 4'):
@@ -474,10 +497,6 @@ def test_unconstrained_batch_is_untouched() -> None:
     before = logits.clone()
     apply_grammar_masks(logits, [None, None, None])
     assert torch.equal(logits, before)
-
-
-def test_llguidance_version_is_pinned() -> None:
-    assert llguidance.__version__ == "1.9.1"
 
 
 # ---------------------------------------------------------------- the bundled model

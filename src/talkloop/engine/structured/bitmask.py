@@ -12,12 +12,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import llguidance
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
     from talkloop.engine.structured.matcher import GrammarMatcher
-
-_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
 def bitmask_width(vocab_size: int) -> int:
@@ -25,14 +24,21 @@ def bitmask_width(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-def _bits(bitmask: torch.Tensor) -> torch.Tensor:
-    """[..., W] int32 -> [..., W * 32] int32 of 0/1 (arithmetic shift; bit 31 works too)."""
-    return ((bitmask.unsqueeze(-1) >> _BIT_SHIFTS.to(bitmask.device)) & 1).flatten(-2)
+def _unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[..., W] int32 on CPU -> [..., vocab_size] bool, token t at bit t % 32 of word t // 32.
+
+    NOTE: numpy's unpackbits over the words' bytes is ~30x faster than torch shifts. It needs
+    little-endian words (x86, ARM): bit t % 32 of a word is then bit t % 8 of its byte
+    (t % 32) // 8, so bit i of the flat byte string is token i.
+    """
+    as_bytes = bitmask.contiguous().numpy().view(np.uint8)  # [..., 4W]
+    bits = np.unpackbits(as_bytes, axis=-1, bitorder="little")[..., :vocab_size]
+    return torch.from_numpy(bits).view(torch.bool)
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[..., W] int32 bitmask -> [..., vocab_size] bool, True where the token is allowed."""
-    return _bits(bitmask)[..., :vocab_size].bool()
+    """[..., W] int32 bitmask (CPU) -> [..., vocab_size] bool, True where the token is allowed."""
+    return _unpack(bitmask, vocab_size)
 
 
 def blocked_tokens(
@@ -43,13 +49,13 @@ def blocked_tokens(
     Columns past the tokenizer's `vocab_size` (a padded embedding) are always blocked; a row
     that allows nothing (a matcher in an error state) is given its EOS tokens, so it ends.
     """
-    blocked = _bits(bitmask)[:, :vocab_size] == 0  # [K, vocab_size]
+    blocked = _unpack(~bitmask, vocab_size)  # [K, vocab_size]
     if num_columns > vocab_size:
         padding = blocked.new_ones(blocked.shape[0], num_columns - vocab_size)
         blocked = torch.cat([blocked, padding], dim=1)
     blocked = blocked[:, :num_columns]
     nothing_allowed = blocked.all(dim=1, keepdim=True)  # [K, 1]
-    eos = torch.tensor(eos_token_ids, dtype=torch.int64, device=blocked.device)
+    eos = torch.tensor(eos_token_ids, dtype=torch.int64)
     blocked[:, eos] &= ~nothing_allowed
     return blocked
 
@@ -83,8 +89,9 @@ def apply_grammar_masks(
         return
     constrained = [m for m in matchers if m is not None]
     first = constrained[0]
-    bitmask = fill_bitmasks(constrained, executor).to(logits.device)
+    bitmask = fill_bitmasks(constrained, executor)
     blocked = blocked_tokens(bitmask, first.vocab_size, logits.shape[1], first.eos_token_ids)
+    blocked = blocked.to(logits.device)
     if len(rows) == logits.shape[0]:
         logits.masked_fill_(blocked, float("-inf"))
         return
