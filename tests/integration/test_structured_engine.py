@@ -102,3 +102,25 @@ def test_bad_schema_is_refused_before_queueing(engine) -> None:
             SamplingParams(structured=StructuredOutput.from_regex("(unclosed")),
         )
     assert not llm.has_unfinished_requests()
+
+
+def test_finished_grammar_stops_even_with_ignore_eos_and_logprobs_stay_finite(engine) -> None:
+    llm, loaded = engine
+    rendered = loaded.chat_template.render([{"role": "user", "content": "yes or no?"}])
+    ids = loaded.tokenizer.encode(rendered, add_special_tokens=False)
+    params = SamplingParams(
+        max_tokens=20,
+        temperature=0.0,
+        ignore_eos=True,
+        logprobs=5,
+        structured=StructuredOutput.from_choices(["yes", "no"]),
+    )
+    llm.add_request("c", ids, params)
+    text, reason, logprobs = "", None, []
+    while llm.has_unfinished_requests():
+        for out in llm.step():
+            text += out.deltas[0].text
+            reason = out.deltas[0].finish_reason or reason
+            logprobs += out.deltas[0].logprobs or ()
+    assert text in ("yes", "no") and reason == "stop"
+    assert all(v > float("-inf") for lp in logprobs for _, v in lp.top)

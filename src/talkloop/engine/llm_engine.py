@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceOf
 from typing import Any, Protocol
@@ -17,7 +18,7 @@ import torch
 from talkloop.engine.attention import KVCache
 from talkloop.engine.block_manager import BlockManager
 from talkloop.engine.config import EngineConfig
-from talkloop.engine.errors import InvalidRequestError
+from talkloop.engine.errors import EngineError, InvalidRequestError
 from talkloop.engine.model_runner import ModelRunner, RunnerOutput
 from talkloop.engine.models.llama import LlamaForCausalLM
 from talkloop.engine.output_processor import (
@@ -141,10 +142,19 @@ class LLMEngine:
         self, out: RunnerOutput, accepted: dict[int, list[int]]
     ) -> list[RequestOutput]:
         touched: dict[str, None] = {}
+        failed: list[RequestOutput] = []
         if out.sampled is not None:
             token_ids = out.sampled.token_ids.tolist()
             for row, (seq, token_id) in enumerate(zip(out.sampled_seqs, token_ids, strict=True)):
-                self._append(seq, token_id, row, out.sampled)
+                if seq.request_id not in self._requests:
+                    continue  # failed earlier in this step (another choice of the request)
+                try:
+                    self._append(seq, token_id, row, out.sampled)
+                except EngineError as exc:  # e.g. a grammar violation: fail that request only
+                    logger.exception("request %s failed", seq.request_id)
+                    failed += self._fail({seq.request_id}, exc)
+                    touched.pop(seq.request_id, None)
+                    continue
                 touched[seq.request_id] = None
         for seq, _ in out.verify_seqs:
             for token_id in accepted[seq.seq_id]:
@@ -152,20 +162,21 @@ class LLMEngine:
                     break
                 self._append(seq, token_id)
             touched[seq.request_id] = None
-        return [self._request_output(request_id) for request_id in touched]
+        return failed + [self._request_output(request_id) for request_id in touched]
 
     def _append(
         self, seq: Sequence, token_id: int, row: int = 0, sampled: SamplerOutput | None = None
     ) -> None:
         seq.append_token(token_id)
-        if seq.grammar is not None and not seq.grammar.is_finished:
-            seq.grammar.advance(token_id)
+        grammar_done = self._advance_grammar(seq, token_id)
         state = self._text[seq.seq_id]
         if sampled is not None and sampled.logprobs is not None and seq.params.logprobs is not None:
             state.pending_logprobs.append(
                 _token_logprob(sampled, row, token_id, seq.params.logprobs)
             )
         reason = check_stop(seq, token_id, self.stop_token_ids, self.max_model_len)
+        if grammar_done:  # the constrained output is complete (even with ignore_eos)
+            reason = FinishReason.STOP
         if reason is FinishReason.STOP:
             state.stop_reason = token_id
         elif append_text(state, seq, token_id):
@@ -173,6 +184,17 @@ class LLMEngine:
         if reason is not None:
             seq.finish(reason)
             self.scheduler.finish(seq)
+
+    @staticmethod
+    def _advance_grammar(seq: Sequence, token_id: int) -> bool:
+        """Feed the token to the sequence's grammar; True when it ends a finished output."""
+        grammar = seq.grammar
+        if grammar is None:
+            return False
+        if grammar.is_finished:
+            return token_id in grammar.eos_token_ids
+        grammar.advance(token_id)
+        return False
 
     def _request_output(self, request_id: str) -> RequestOutput:
         seqs = self._requests[request_id]
@@ -250,5 +272,6 @@ def _token_logprob(sampled: SamplerOutput, row: int, token_id: int, num_top: int
     if num_top and sampled.top_token_ids is not None and sampled.top_logprobs is not None:
         ids = sampled.top_token_ids[row, :num_top].tolist()
         values = sampled.top_logprobs[row, :num_top].tolist()
-        top = tuple(zip(ids, values, strict=True))
+        # Constrained rows may allow fewer tokens than asked for: drop the -inf ones.
+        top = tuple((t, v) for t, v in zip(ids, values, strict=True) if math.isfinite(v))
     return TokenLogprob(token_id, chosen, top)
