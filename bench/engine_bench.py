@@ -52,13 +52,17 @@ def prompt_ids(tokenizer: Any, num_tokens: int, salt: int = 0) -> list[int]:
 
 
 # ---- talkloop -------------------------------------------------------------------------------
-def run_talkloop(task: str, dtype: str) -> dict[str, float]:
+QUANTIZATION = {"talkloop": "int8", "talkloop_int4": "int4", "talkloop_bf16": "none"}
+
+
+def run_talkloop(task: str, dtype: str, quantization: str = "int8") -> dict[str, float]:
     from talkloop.engine.config import EngineConfig, SchedulerConfig
     from talkloop.engine.loader import build_engine, load_model
     from talkloop.engine.sampling_params import SamplingParams
 
     config = EngineConfig(
         dtype=dtype,
+        quantization=quantization,
         num_threads=THREADS,
         scheduler=SchedulerConfig(max_num_batched_tokens=2048, max_num_seqs=64),
     )
@@ -66,7 +70,7 @@ def run_talkloop(task: str, dtype: str) -> dict[str, float]:
     engine = build_engine(config, loaded)
     tok = loaded.tokenizer
     warm = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    engine.add_request("warmup", prompt_ids(tok, 64), warm)
+    engine.add_request("warmup", prompt_ids(tok, 64, salt=99), warm)  # not a prefix of tasks
     while engine.has_unfinished_requests():
         engine.step()
     result: dict[str, float] = {"load_s": loaded.load_seconds}
@@ -205,7 +209,7 @@ def run_transformers(task: str) -> dict[str, float]:
 # ---- orchestration ---------------------------------------------------------------------------
 def worker(peer: str, task: str, dtype: str) -> None:
     runners = {
-        "talkloop": lambda: run_talkloop(task, dtype),
+        **{name: (lambda q=q: run_talkloop(task, dtype, q)) for name, q in QUANTIZATION.items()},
         "llamacpp": lambda: run_llamacpp(task),
         "transformers": lambda: run_transformers(task),
     }
@@ -238,16 +242,17 @@ def ratios(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float]:
         return float(value) if value else None
 
     out: dict[str, float] = {}
-    for task in TASKS:
-        ours = tok_s("talkloop", task)
-        for peer in ("llamacpp", "transformers"):
-            theirs = tok_s(peer, task)
-            if ours and theirs:
-                out[f"{task}_vs_{peer}"] = round(ours / theirs, 3)
-    llama_decode = tok_s("llamacpp", "decode")
-    ours32 = tok_s("talkloop", "batch32")
-    if llama_decode and ours32:
-        out["batch32_vs_llamacpp_single_stream"] = round(ours32 / llama_decode, 3)
+    for variant in QUANTIZATION:
+        for task in TASKS:
+            ours = tok_s(variant, task)
+            for peer in ("llamacpp", "transformers"):
+                theirs = tok_s(peer, task)
+                if ours and theirs:
+                    out[f"{variant}_{task}_vs_{peer}"] = round(ours / theirs, 3)
+        llama_decode = tok_s("llamacpp", "decode")
+        ours32 = tok_s(variant, "batch32")
+        if llama_decode and ours32:
+            out[f"{variant}_batch32_vs_llamacpp_single_stream"] = round(ours32 / llama_decode, 3)
     return out
 
 
@@ -282,7 +287,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--worker", nargs=2, metavar=("PEER", "TASK"))
-    parser.add_argument("--peers", default="talkloop,llamacpp,transformers")
+    parser.add_argument("--peers", default="talkloop,talkloop_int4,llamacpp,transformers")
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
