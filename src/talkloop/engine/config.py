@@ -96,7 +96,7 @@ class CacheConfig:
     kv_cache_bytes: int | None = None  # explicit budget; wins over the fraction
     kv_cache_fraction: float = 0.05  # of total system (or device) memory when no bytes given
     min_kv_cache_bytes: int = 64 << 20
-    max_kv_cache_bytes: int = 1 << 30
+    max_kv_cache_bytes: int = 640 << 20  # keeps 32 chats with the bundled model under 2 GB
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
