@@ -116,3 +116,8 @@ def test_openai_route_does_not_reach_another_owners_character(
             assert response.status_code == 404
             assert response.json()["error"]["code"] == "model_not_found"
     assert tenant_a.alice.post("/v1/chat/completions", json=body).status_code == 200
+    legacy = {"model": body["model"], "prompt": "hi", "max_tokens": 1}
+    for client in intruders(tenant_a, tenant_b).values():
+        response = client.post("/v1/completions", json=legacy)
+        assert response.status_code == 404, response.text
+    assert tenant_a.alice.post("/v1/completions", json=legacy).status_code == 200

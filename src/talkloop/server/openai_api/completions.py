@@ -17,7 +17,7 @@ from talkloop.engine.outputs import TokenLogprob
 from talkloop.server.auth import PrincipalDep
 from talkloop.server.deps import ServicesDep
 from talkloop.server.errors import BadRequestError, as_server_error
-from talkloop.server.openai_api import logprobs, sampling
+from talkloop.server.openai_api import character_chat, logprobs, sampling
 from talkloop.server.openai_api.calls import (
     SSE_DONE,
     Call,
@@ -65,6 +65,7 @@ async def create_completion(
     body: CompletionRequest, request: Request, principal: PrincipalDep, services: ServicesDep
 ) -> Response:
     call = await resolve_call(request, services, principal.acting_for(body.user), body.model)
+    await character_chat.check_visible(services, call)
     if body.echo:
         raise BadRequestError("echo is not supported", param="echo")
     top = legacy_logprobs(body)
