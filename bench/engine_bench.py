@@ -277,6 +277,11 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         rss = tasks.get("batch32", tasks.get("decode", {})).get("peak_rss_mb")
         if rss:
             lines.append(f"- {peer}: {rss:.0f}")
+    lines += ["", "Model load time (s, median, prefill task):", ""]
+    for peer, tasks in report["results"].items():
+        load = tasks.get("prefill", {}).get("load_s")
+        if load:
+            lines.append(f"- {peer}: {load:.2f}")
     lines += ["", "Ratios (talkloop / peer):", ""]
     lines += [f"- {k}: {v}" for k, v in report["ratios"].items()]
     path.write_text("\n".join(lines) + "\n")
