@@ -116,6 +116,12 @@ def test_openai_route_does_not_reach_another_owners_character(
             assert response.status_code == 404
             assert response.json()["error"]["code"] == "model_not_found"
     assert tenant_a.alice.post("/v1/chat/completions", json=body).status_code == 200
+    slug = tenant_a.alice.get(f"/api/characters/{owned['character']}").json()["slug"]
+    for client in intruders(tenant_a, tenant_b).values():
+        listed = [m["id"] for m in client.get("/v1/models").json()["data"]]
+        assert f"character/{slug}" not in listed
+    listed = [m["id"] for m in tenant_a.alice.get("/v1/models").json()["data"]]
+    assert f"character/{slug}" in listed
     legacy = {"model": body["model"], "prompt": "hi", "max_tokens": 1}
     for client in intruders(tenant_a, tenant_b).values():
         response = client.post("/v1/completions", json=legacy)

@@ -44,6 +44,10 @@ class CharacterCatalog(Scoped):
         )
         return query.where(Character.id.not_in(owned))
 
+    def visible(self, end_user_id: str | None) -> list[Character]:
+        """Every character the end-user may use: shared ones and their own."""
+        return list(self.session.scalars(self._visible(end_user_id).order_by(Character.slug)))
+
     def get(self, character_id: str, end_user_id: str | None) -> Character:
         query = self._visible(end_user_id).where(Character.id == character_id)
         row = self.session.scalars(query).first()
