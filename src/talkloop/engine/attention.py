@@ -135,7 +135,8 @@ def _decode_attention(
     group = q.shape[1] // num_kv_heads
     query = q.view(batch, num_kv_heads, group, head_dim)  # q head h reads kv head h // group
     scores = torch.matmul(query, keys.permute(0, 2, 3, 1)) * scale  # [B, Hkv, G, L]
-    scores = scores + meta.decode_bias  # 0 where attended, -inf past each context length
+    if meta.decode_bias is not None:  # 0 where attended, -inf past each context length
+        scores = scores + meta.decode_bias
     probs = scores.float().softmax(dim=-1).to(values.dtype)
     out = torch.matmul(probs, values.transpose(1, 2))  # [B, Hkv, G, D]
     return out.reshape(batch, -1, head_dim)  # [B, H, D]

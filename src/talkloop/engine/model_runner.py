@@ -7,6 +7,7 @@ sequence) first, then all single-token decodes as one padded batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -72,20 +73,22 @@ class ModelRunner:
         logits = self.forward(chunks)
         sampled_seqs = tuple(c.seq for c in chunks if c.num_logit_rows == 1 and not _drafting(c))
         verify = tuple((c.seq, c.num_logit_rows) for c in chunks if _drafting(c))
-        sample_rows, verify_rows, row = [], [], 0
+        sample_rows: list[int] = []
+        verify_rows: list[int] = []
+        row = 0
         for c in chunks:
-            rows = list(range(row, row + c.num_logit_rows))
-            (verify_rows if _drafting(c) else sample_rows).extend(rows)
+            span = range(row, row + c.num_logit_rows)
+            (verify_rows if _drafting(c) else sample_rows).extend(span)
             row += c.num_logit_rows
         sampled = None
         if sampled_seqs:
             batch = build_sampling_batch(sampled_seqs)
-            rows = logits[self._tensor(sample_rows)]
+            sample_logits = logits[self._tensor(sample_rows)]
             if any(seq.grammar is not None for seq in sampled_seqs):
                 from talkloop.engine.structured.bitmask import apply_grammar_masks
 
-                apply_grammar_masks(rows, [seq.grammar for seq in sampled_seqs])
-            sampled = sample(rows, batch)
+                apply_grammar_masks(sample_logits, [seq.grammar for seq in sampled_seqs])
+            sampled = sample(sample_logits, batch)
         verify_logits = logits[self._tensor(verify_rows)] if verify else None
         return RunnerOutput(sampled_seqs, sampled, verify, verify_logits)
 
@@ -135,7 +138,7 @@ class ModelRunner:
         table = self._tensor(chunk.seq.block_ids[:num_blocks])
         return PrefillChunk(token_start, len(chunk.token_ids), chunk.end, table)
 
-    def _decode_metadata(self, decodes: list[TokenChunk]) -> dict[str, torch.Tensor | None]:
+    def _decode_metadata(self, decodes: list[TokenChunk]) -> dict[str, Any]:
         block_size = self.block_manager.block_size
         context_lens = [c.end for c in decodes]
         max_blocks = max((-(-n // block_size) for n in context_lens), default=0)
@@ -149,7 +152,9 @@ class ModelRunner:
             bias = torch.zeros(beyond.shape, dtype=self.kv_cache.dtype, device=self.device)
             bias = bias.masked_fill_(beyond, float("-inf")).view(len(decodes), 1, 1, -1)
         return {
-            "decode_block_tables": self._tensor(padded).view(len(decodes), max_blocks),
+            "decode_block_tables": torch.tensor(padded, dtype=torch.int64, device=self.device).view(
+                len(decodes), max_blocks
+            ),
             "decode_context_lens": lens,
             "decode_bias": bias,
         }
