@@ -30,7 +30,7 @@ HF_FOLDER = CACHE / "smollm2-bf16"
 SERVED_MODEL = "smollm2"
 THREADS = 2
 MAX_MODEL_LEN = 4096
-PEERS = ("talkloop", "talkloop-spec", "llamacpp", "vllm")
+PEERS = ("talkloop", "talkloop-spec", "vllm", "llamacpp")  # llama.cpp last: the slowest
 START_TIMEOUT_S = {"talkloop": 180.0, "talkloop-spec": 180.0, "llamacpp": 120.0, "vllm": 900.0}
 STOP_TIMEOUT_S = 20.0
 

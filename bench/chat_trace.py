@@ -145,16 +145,19 @@ async def run_tasks(server: Server, workload: Workload, args: argparse.Namespace
         )
         out["concurrent32"] |= group_memory_mb(server)
     if "trace" in tasks:
-        out["trace"] = await run_trace(server, workload.trace, args.trace_repeats)
+        trace = workload.trace
+        out["trace"] = await run_trace(server, trace, args.trace_repeats, args.trace_deadline_s)
     out["memory_at_end"] = group_memory_mb(server)
     return out
 
 
-async def run_trace(server: Server, trace: ChatTrace, repeats: int) -> dict[str, Any]:
+async def run_trace(
+    server: Server, trace: ChatTrace, repeats: int, deadline_s: float
+) -> dict[str, Any]:
     runs = []
     for _ in range(repeats):
         before = scrape_metrics(server)
-        summary = await replay_trace(server, trace, TRACE_DEADLINE_S)
+        summary = await replay_trace(server, trace, deadline_s)
         after = scrape_metrics(server)
         summary["metrics_prefix_hit_rate"] = counter_ratio(
             before, after, PREFIX_HITS, PREFIX_QUERIES
@@ -368,11 +371,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--trace", default="16x6", help="USERSxTURNS (default 16x6)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--trace-repeats", type=int, default=1)
+    parser.add_argument(
+        "--trace-deadline-s",
+        type=float,
+        default=TRACE_DEADLINE_S,
+        help="a trace still running then is cut; its figures cover the requests done",
+    )
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="4x2 trace, 1 repeat, 64 tokens")
     parser.add_argument("--note", default="Measured on a shared, busy 2-core machine: noisy.")
     parser.add_argument("--out", help="results path without suffix")
+    parser.add_argument(
+        "--merge", action="store_true", help="keep other peers' results from --out's JSON"
+    )
     args = parser.parse_args()
     if args.smoke:
         args.trace, args.repeats, args.decode_tokens = "4x2", 1, 64
@@ -394,18 +406,9 @@ def _exit_on_sigterm(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)  # so every `finally` stops its server
 
 
-def main() -> None:
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    args = parse_args()
-    for peer in args.peers:
-        if peer not in PEERS:
-            raise SystemExit(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
-    args.log_dir.mkdir(parents=True, exist_ok=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    ensure_dataset()
-    setup(args.peers)
-    workload = Workload(args)
-    results = {peer: measure_peer(peer, workload, args) for peer in args.peers}
+def write_report(
+    args: argparse.Namespace, workload: Workload, results: dict[str, Any]
+) -> dict[str, Any]:
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": cpu_name(),
@@ -422,6 +425,26 @@ def main() -> None:
     }
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(report, args.out.with_suffix(".md"))
+    return report
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    args = parse_args()
+    for peer in args.peers:
+        if peer not in PEERS:
+            raise SystemExit(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dataset()
+    setup(args.peers)
+    workload = Workload(args)
+    results: dict[str, Any] = {}
+    if args.merge and args.out.with_suffix(".json").exists():
+        results = json.loads(args.out.with_suffix(".json").read_text())["results"]
+    for peer in args.peers:  # the report is rewritten after each peer: a long run keeps what it has
+        results[peer] = measure_peer(peer, workload, args) | {"measured": time.strftime("%H:%M")}
+        report = write_report(args, workload, results)
     print(json.dumps(report["ratios"], indent=2))
 
 
