@@ -131,7 +131,8 @@ def run(
     prompt_ids = _tokenize(loaded, prompts[:num_prompts])
     num_eval = max(8, len(prompt_ids) // 10)
     eval_ids, train_ids = prompt_ids[:num_eval], prompt_ids[num_eval:]
-    engine = build_engine(replace_spec(serving), loaded)
+    # Replies for training come from the target alone (no draft exists yet).
+    engine = build_engine(replace(serving, speculative=SpeculativeConfig()), loaded)
 
     started = time.perf_counter()
     examples = generate_examples(engine, train_ids, max_tokens)
@@ -172,11 +173,6 @@ def run(
     )
     (out_dir / "training_report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
-
-
-def replace_spec(config: EngineConfig) -> EngineConfig:
-    """The same engine without speculation (for generating the training replies)."""
-    return replace(config, speculative=SpeculativeConfig())
 
 
 def save_draft(draft: Any, loaded: LoadedModel, out_dir: Path) -> None:

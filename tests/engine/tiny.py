@@ -10,7 +10,6 @@ from talkloop.engine.config import (
     CacheConfig,
     EngineConfig,
     ModelConfig,
-    RopeScaling,
     SchedulerConfig,
 )
 from talkloop.engine.llm_engine import LLMEngine
@@ -227,9 +226,6 @@ def full_logits(model: LlamaForCausalLM, tokens: list[int]) -> torch.Tensor:
 
 def greedy(max_tokens: int = 16, **kw: Any) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
-
-
-__all__ = ["RopeScaling"]
 
 
 def assert_no_leaked_blocks(engine: LLMEngine) -> None:

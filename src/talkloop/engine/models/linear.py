@@ -101,11 +101,10 @@ def quantize_linears(
         return 0
     bits = 8 if quantization == "int8" else 4
     replaced = 0
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, Linear):
                 child_bits = bits if can_quantize(child, bits, 32) else 8
                 setattr(module, child_name, QuantizedLinear(child, child_bits, 32, max_quant_rows))
                 replaced += 1
-        del name
     return replaced
