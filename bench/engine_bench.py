@@ -32,7 +32,10 @@ THREADS = 2
 PREFILL_TOKENS = 1024
 DECODE_TOKENS = 128
 BATCH_DECODE_TOKENS = 64
-TASKS = ("prefill", "decode", "batch8", "batch32")
+TASKS = ("prefill", "decode", "batch8", "batch32", "batch16_ctx1k")
+# batch16_ctx1k: 16 chats over ~1k-token contexts (a shared 768-token persona prefix and 256
+# tokens of their own), the shape of character-chat traffic; tok/s of the decode phase alone.
+LONG_PREFIX_TOKENS, LONG_OWN_TOKENS = 768, 256
 
 TEXT = (
     "The lighthouse keeper counted the ships each evening and wrote their names in a ledger "
@@ -82,11 +85,14 @@ def run_talkloop(task: str, dtype: str, quantization: str = "int8") -> dict[str,
             engine.step()
         result["tok_s"] = PREFILL_TOKENS / (time.perf_counter() - start)
         return result
-    num = {"decode": 1, "batch8": 8, "batch32": 32}[task]
+    num = {"decode": 1, "batch8": 8, "batch32": 32, "batch16_ctx1k": 16}[task]
     max_tokens = DECODE_TOKENS if num == 1 else BATCH_DECODE_TOKENS
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    for i in range(num):
-        engine.add_request(f"r{i}", prompt_ids(tok, 32, salt=i), params)
+    prompts = [prompt_ids(tok, 32, salt=i) for i in range(num)]
+    if task == "batch16_ctx1k":
+        prompts = long_context_prompts(tok, num)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
     first: float | None = None
     start = time.perf_counter()
     generated = 0
@@ -96,11 +102,19 @@ def run_talkloop(task: str, dtype: str, quantization: str = "int8") -> dict[str,
         if first is None and generated >= num:
             first, generated_at_first = time.perf_counter(), generated
     end = time.perf_counter()
-    if num == 1:
+    if num == 1 or task == "batch16_ctx1k":  # decode phase: after every request's first token
         result["tok_s"] = (generated - generated_at_first) / (end - first)
     else:
         result["tok_s"] = generated / (end - start)  # end-to-end aggregate incl. prefill
     return result
+
+
+def long_context_prompts(tokenizer: Any, num: int) -> list[list[int]]:
+    prefix = prompt_ids(tokenizer, LONG_PREFIX_TOKENS, salt=1000)[:LONG_PREFIX_TOKENS]
+    return [
+        prefix + prompt_ids(tokenizer, LONG_OWN_TOKENS, salt=i)[:LONG_OWN_TOKENS]
+        for i in range(num)
+    ]
 
 
 # ---- llama.cpp --------------------------------------------------------------------------------
@@ -188,9 +202,12 @@ def run_transformers(task: str) -> dict[str, float]:
             model(ids)
         result["tok_s"] = PREFILL_TOKENS / (time.perf_counter() - start)
         return result
-    num = {"decode": 1, "batch8": 8, "batch32": 32}[task]
+    num = {"decode": 1, "batch8": 8, "batch32": 32, "batch16_ctx1k": 16}[task]
     max_tokens = DECODE_TOKENS if num == 1 else BATCH_DECODE_TOKENS
-    ids = torch.tensor([prompt_ids(tok, 32, salt=i) for i in range(num)])
+    if task == "batch16_ctx1k":
+        ids = torch.tensor(long_context_prompts(tok, num))
+    else:
+        ids = torch.tensor([prompt_ids(tok, 32, salt=i) for i in range(num)])
     with torch.inference_mode():
         model.generate(ids[:, :8], max_new_tokens=2, do_sample=False)
         start = time.perf_counter()
@@ -201,6 +218,8 @@ def run_transformers(task: str) -> dict[str, float]:
         total = time.perf_counter() - start
     if num == 1:
         result["tok_s"] = (max_tokens - 1) / (total - first)
+    elif task == "batch16_ctx1k":  # decode phase, as for talkloop
+        result["tok_s"] = num * (max_tokens - 1) / (total - first)
     else:
         result["tok_s"] = num * max_tokens / total
     return result

@@ -31,11 +31,15 @@ class AttentionMetadata:
     num_prefill_tokens: int
     decode_block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
     decode_context_lens: torch.Tensor  # [B] int64
-    decode_bias: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size]: 0 attend, -inf not
+    decode_bias: torch.Tensor | None  # [B, max_blocks * block_size]: 0 attend, -inf not
 
 
 class KVCache:
-    """Per-layer key and value pools, allocated once: [num_blocks, block_size, Hkv, D]."""
+    """Per-layer key and value pools, allocated once, head-major: [Hkv, num_blocks, block_size, D].
+
+    Head-major so that gathering a sequence's blocks yields [Hkv, L, D] directly: attention
+    then runs as batched matmuls over (head, sequence) with no further copy.
+    """
 
     def __init__(
         self,
@@ -47,7 +51,7 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_kv_heads, num_blocks, block_size, head_dim)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.dtype = dtype
@@ -72,9 +76,9 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D] for the step's new tokens -> output [T, H, D]."""
-    num_kv_heads, head_dim = key_cache.shape[2:]
-    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    num_kv_heads, _, _, head_dim = key_cache.shape
+    key_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    value_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     out = torch.empty_like(q)
     for chunk in meta.prefills:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
@@ -85,10 +89,15 @@ def paged_attention(
     return out
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    # [n_blocks, block_size, Hkv, D] -> [Hkv, length, D]
-    flat = cache[block_table].flatten(0, 1)[:length]
-    return flat.transpose(0, 1)
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[Hkv, num_blocks, block_size, D] and tables [...] -> [Hkv, ..., block_size * D], contiguous.
+
+    NOTE: `index_select` over flattened blocks is about 2x faster on CPU than advanced indexing.
+    """
+    num_kv_heads, num_blocks, block_size, head_dim = cache.shape
+    flat = cache.view(num_kv_heads, num_blocks, block_size * head_dim)
+    picked = flat.index_select(1, block_tables.reshape(-1))
+    return picked.view(num_kv_heads, *block_tables.shape, block_size * head_dim)
 
 
 def _prefill_attention(
@@ -98,8 +107,10 @@ def _prefill_attention(
     chunk: PrefillChunk,
     scale: float,
 ) -> torch.Tensor:
-    keys = _gather(key_cache, chunk.block_table, chunk.context_len)  # [Hkv, L, D]
-    values = _gather(value_cache, chunk.block_table, chunk.context_len)
+    head_dim = key_cache.shape[-1]
+    length = chunk.context_len
+    keys = _gather(key_cache, chunk.block_table).view(key_cache.shape[0], -1, head_dim)[:, :length]
+    values = _gather(value_cache, chunk.block_table).view(keys.shape[0], -1, head_dim)[:, :length]
     # NOTE: SDPA's GQA mode falls back to the slow math kernel on CPU; repeating the KV heads
     # keeps the fused (flash) kernel, about 4x faster for a 512-token prefill.
     group = q.shape[1] // keys.shape[0]
@@ -127,16 +138,16 @@ def _decode_attention(
 ) -> torch.Tensor:
     # NOTE: for one query token SDPA's CPU kernels are ~20x slower than two grouped matmuls.
     tables = meta.decode_block_tables  # [B, max_blocks]
-    batch, max_blocks = tables.shape
-    block_size, num_kv_heads, head_dim = key_cache.shape[1:]
-    length = max_blocks * block_size
-    keys = key_cache[tables].view(batch, length, num_kv_heads, head_dim)
-    values = value_cache[tables].view(batch, length, num_kv_heads, head_dim)
+    batch = tables.shape[0]
+    num_kv_heads, _, _, head_dim = key_cache.shape
+    keys = _gather(key_cache, tables).view(num_kv_heads, batch, -1, head_dim)  # [Hkv, B, L, D]
+    values = _gather(value_cache, tables).view(num_kv_heads, batch, -1, head_dim)
     group = q.shape[1] // num_kv_heads
-    query = q.view(batch, num_kv_heads, group, head_dim)  # q head h reads kv head h // group
-    scores = torch.matmul(query, keys.permute(0, 2, 3, 1)) * scale  # [B, Hkv, G, L]
+    # q head h reads kv head h // group: [B, H, D] -> [Hkv, B, G, D]
+    query = q.view(batch, num_kv_heads, group, head_dim).transpose(0, 1)
+    scores = torch.matmul(query, keys.transpose(-1, -2)).float().mul_(scale)  # [Hkv, B, G, L]
     if meta.decode_bias is not None:  # 0 where attended, -inf past each context length
-        scores = scores + meta.decode_bias
-    probs = scores.float().softmax(dim=-1).to(values.dtype)
-    out = torch.matmul(probs, values.transpose(1, 2))  # [B, Hkv, G, D]
-    return out.reshape(batch, -1, head_dim)  # [B, H, D]
+        scores.add_(meta.decode_bias.view(1, batch, 1, -1))
+    probs = scores.softmax(dim=-1).to(values.dtype)
+    out = torch.matmul(probs, values)  # [Hkv, B, G, D]
+    return out.transpose(0, 1).reshape(batch, -1, head_dim)  # [B, H, D]

@@ -150,7 +150,7 @@ class ModelRunner:
             key_positions = torch.arange(max_blocks * block_size, device=self.device)
             beyond = key_positions.unsqueeze(0) >= lens.unsqueeze(1)
             bias = torch.zeros(beyond.shape, dtype=self.kv_cache.dtype, device=self.device)
-            bias = bias.masked_fill_(beyond, float("-inf")).view(len(decodes), 1, 1, -1)
+            bias = bias.masked_fill_(beyond, float("-inf"))
         return {
             "decode_block_tables": torch.tensor(padded, dtype=torch.int64, device=self.device).view(
                 len(decodes), max_blocks
