@@ -2,8 +2,9 @@
 
 The runner flattens a step's tokens: prefill chunks first (one sequence each, any length),
 then decode tokens (one per sequence). New keys/values are written to their cache slots, then
-prefill chunks attend sequence by sequence and decodes attend as one padded batch. Plain
-PyTorch (SDPA), so the same code runs on CPU and CUDA.
+prefill chunks attend sequence by sequence and decodes attend as one padded batch; decodes
+whose sequences share leading blocks (one persona prefix) read those blocks once per group
+(see `shared_prefix`). Plain PyTorch, so the same code runs on CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -25,13 +26,24 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True)
+class SharedPrefix:
+    """Decode rows whose sequences begin with the same blocks, attended to once for all."""
+
+    rows: torch.Tensor  # [n] int64: rows of the decode batch
+    block_table: torch.Tensor  # [P] int64: the shared leading blocks (all full)
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) per token
     prefills: tuple[PrefillChunk, ...]
     num_prefill_tokens: int
+    # Decode rows attend to their blocks from `decode_block_tables` (after the blocks of their
+    # `decode_shared` group, if any; `decode_context_lens` counts the tokens in those tables).
     decode_block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
     decode_context_lens: torch.Tensor  # [B] int64
     decode_bias: torch.Tensor | None  # [B, max_blocks * block_size]: 0 attend, -inf not
+    decode_shared: tuple[SharedPrefix, ...] = ()
 
 
 class KVCache:
@@ -78,7 +90,9 @@ def paged_attention(
     """q [T, H, D], k/v [T, Hkv, D] for the step's new tokens -> output [T, H, D]."""
     num_kv_heads, _, _, head_dim = key_cache.shape
     key_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    value_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    value_cache.view(num_kv_heads, -1, head_dim).index_copy_(
+        1, meta.slot_mapping, v.transpose(0, 1)
+    )
     out = torch.empty_like(q)
     for chunk in meta.prefills:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
@@ -148,6 +162,45 @@ def _decode_attention(
     scores = torch.matmul(query, keys.transpose(-1, -2)).float().mul_(scale)  # [Hkv, B, G, L]
     if meta.decode_bias is not None:  # 0 where attended, -inf past each context length
         scores.add_(meta.decode_bias.view(1, batch, 1, -1))
-    probs = scores.softmax(dim=-1).to(values.dtype)
-    out = torch.matmul(probs, values)  # [Hkv, B, G, D]
-    return out.transpose(0, 1).reshape(batch, -1, head_dim)  # [B, H, D]
+    if not meta.decode_shared:
+        probs = scores.softmax(dim=-1).to(values.dtype)
+        out = torch.matmul(probs, values)  # [Hkv, B, G, D]
+        return out.transpose(0, 1).reshape(batch, -1, head_dim)  # [B, H, D]
+    out, lse = _attend_with_lse(scores, values)
+    for shared in meta.decode_shared:
+        rows, num = shared.rows, shared.rows.numel()
+        # Every member's queries against the shared blocks, read once: [Hkv, n * G, Ls].
+        stacked = query.index_select(1, rows).reshape(num_kv_heads, num * group, head_dim)
+        shared_keys = _gather(key_cache, shared.block_table).view(num_kv_heads, -1, head_dim)
+        shared_values = _gather(value_cache, shared.block_table).view(num_kv_heads, -1, head_dim)
+        shared_scores = torch.matmul(stacked, shared_keys.transpose(-1, -2)).float().mul_(scale)
+        shared_out, shared_lse = _attend_with_lse(shared_scores, shared_values)
+        merged = _merge(
+            shared_out.view(num_kv_heads, num, group, head_dim),
+            shared_lse.view(num_kv_heads, num, group, 1),
+            out.index_select(1, rows),
+            lse.index_select(1, rows),
+        )
+        out.index_copy_(1, rows, merged)
+    return out.to(q.dtype).transpose(0, 1).reshape(batch, -1, head_dim)
+
+
+def _attend_with_lse(
+    scores: torch.Tensor, values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(scores) @ values in float32, and each row's log-sum-exp (scores is consumed)."""
+    peak = scores.amax(dim=-1, keepdim=True)
+    weights = scores.sub_(peak).exp_()
+    total = weights.sum(dim=-1, keepdim=True)
+    out = torch.matmul(weights.to(values.dtype), values).float().div_(total)
+    return out, peak.add_(total.log_())
+
+
+def _merge(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """Attention over keys A and B together, from attention over each and their log-sum-exps."""
+    peak = torch.maximum(lse_a, lse_b)
+    weight_a = (lse_a - peak).exp_()
+    weight_b = (lse_b - peak).exp_()
+    return (out_a * weight_a + out_b * weight_b).div_(weight_a + weight_b)

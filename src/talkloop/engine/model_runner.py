@@ -11,12 +11,13 @@ from typing import Any
 
 import torch
 
-from talkloop.engine.attention import AttentionMetadata, KVCache, PrefillChunk
+from talkloop.engine.attention import AttentionMetadata, KVCache, PrefillChunk, SharedPrefix
 from talkloop.engine.block_manager import BlockManager
 from talkloop.engine.models.llama import LlamaForCausalLM
 from talkloop.engine.sampler import SamplerOutput, SamplingBatch, sample
 from talkloop.engine.scheduler import SchedulerOutput
 from talkloop.engine.sequence import Sequence
+from talkloop.engine.shared_prefix import shared_prefix_groups
 
 
 @dataclass(frozen=True)
@@ -139,17 +140,33 @@ class ModelRunner:
         return PrefillChunk(token_start, len(chunk.token_ids), chunk.end, table)
 
     def _decode_metadata(self, decodes: list[TokenChunk]) -> dict[str, Any]:
+        """Decode tables and lengths past each row's shared-prefix group (if it has one)."""
         block_size = self.block_manager.block_size
         context_lens = [c.end for c in decodes]
-        max_blocks = max((-(-n // block_size) for n in context_lens), default=0)
-        tables = [c.seq.block_ids[:max_blocks] for c in decodes]
-        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-        lens = self._tensor(context_lens)
+        tables = [
+            c.seq.block_ids[: -(-n // block_size)]
+            for c, n in zip(decodes, context_lens, strict=True)
+        ]
+        skipped = [0] * len(decodes)  # leading blocks read through a shared group instead
+        shared: list[SharedPrefix] = []
+        if len(decodes) > 1:
+            shareable = [(n - 1) // block_size for n in context_lens]
+            for group in shared_prefix_groups(tables, shareable):
+                members = list(group.members)
+                for m in members:
+                    skipped[m] = group.num_blocks
+                leading = tables[members[0]][: group.num_blocks]
+                shared.append(SharedPrefix(self._tensor(members), self._tensor(leading)))
+        own = [t[s:] for t, s in zip(tables, skipped, strict=True)]
+        own_lens = [n - s * block_size for n, s in zip(context_lens, skipped, strict=True)]
+        max_blocks = max((len(t) for t in own), default=0)
+        padded = [t + [0] * (max_blocks - len(t)) for t in own]
+        lens = self._tensor(own_lens)
         bias = None
         if decodes:
             key_positions = torch.arange(max_blocks * block_size, device=self.device)
             beyond = key_positions.unsqueeze(0) >= lens.unsqueeze(1)
-            bias = torch.zeros(beyond.shape, dtype=self.kv_cache.dtype, device=self.device)
+            bias = torch.zeros(beyond.shape, dtype=torch.float32, device=self.device)
             bias = bias.masked_fill_(beyond, float("-inf"))
         return {
             "decode_block_tables": torch.tensor(padded, dtype=torch.int64, device=self.device).view(
@@ -157,6 +174,7 @@ class ModelRunner:
             ),
             "decode_context_lens": lens,
             "decode_bias": bias,
+            "decode_shared": tuple(shared),
         }
 
 
