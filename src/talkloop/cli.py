@@ -149,7 +149,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from talkloop.server.serve import configure_logging, serve
+    from talkloop.server.logs import configure_logging
+    from talkloop.server.serve import serve
     from talkloop.server.settings import Settings
 
     flags = {
@@ -162,7 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "dev_mode": args.dev or None,
     }
     settings = Settings(**{name: value for name, value in flags.items() if value is not None})
-    configure_logging(logging.INFO if args.verbose else logging.WARNING)
+    configure_logging("debug" if args.verbose else settings.log_level, settings.log_format)
 
     def show_admin_key(secret: str) -> None:
         print(f"talkloop: created the admin API key (shown once, store it now):\n  {secret}")

@@ -179,3 +179,18 @@ def test_async_streams_concurrently_and_cancellation_frees_blocks() -> None:
         assert async_engine.call(lambda e: e.num_requests).result(timeout=5) == 0
     finally:
         async_engine.shutdown()
+
+
+def test_queue_time_is_reported_from_arrival_to_first_scheduling() -> None:
+    engine = tiny_engine(MODEL, max_num_seqs=1)
+    engine.add_request("first", PROMPT, greedy(max_tokens=3, ignore_eos=True))
+    engine.add_request("second", PROMPT[:5], greedy(max_tokens=3, ignore_eos=True))
+    queued: dict[str, list[float | None]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            queued.setdefault(out.request_id, []).append(out.queue_time_s)
+    first, second = queued["first"], queued["second"]
+    assert len(set(first)) == 1 and len(set(second)) == 1  # fixed once scheduled
+    assert first[0] is not None and second[0] is not None
+    # "second" waited while "first" ran all its steps (max_num_seqs=1)
+    assert 0 <= first[0] < second[0]

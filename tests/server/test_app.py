@@ -4,6 +4,7 @@ tests run the same app on the real engine."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from talkloop.server import Settings, create_app
 from talkloop.server.db.database import Database
 from talkloop.server.db.models import ApiKey, Character, KeyScope, Tenant
 from talkloop.server.keys import hash_api_key
+from talkloop.server.middleware import RequestIdLogFilter
 from tests.server.fakes import FakeBackend
 
 STRONG_KEY = "tl-" + "Qw3rTy7uI0pAs2dF4gH6jK8lZx1cV3bN5m"
@@ -104,3 +106,18 @@ def test_draining_refuses_new_requests_with_503_but_stays_alive(
     assert response.headers["retry-after"] == "1"
     assert client.get("/ready").status_code == 503
     assert client.get("/health").status_code == 200
+
+
+def test_every_request_gets_one_access_line(
+    started: tuple[TestClient, list[str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    client, _ = started
+    caplog.handler.addFilter(RequestIdLogFilter())
+    with caplog.at_level(logging.INFO, logger="talkloop.access"):
+        ok = client.get("/health", headers={"x-request-id": "mine"})
+        missing = client.get("/v1/models")  # no key: 401
+    lines = [r for r in caplog.records if r.name == "talkloop.access"]
+    assert [(r.path, r.status) for r in lines] == [("/health", 200), ("/v1/models", 401)]
+    assert lines[0].request_id == ok.headers["x-request-id"] != "mine"
+    assert lines[0].client_request_id == "mine"
+    assert lines[1].request_id == missing.headers["x-request-id"]

@@ -46,6 +46,12 @@ def test_serving_series_count_the_requests_exactly(server: LiveServer) -> None:
     assert delta("vllm:time_to_first_token_seconds_count") == 2
     assert delta("vllm:e2e_request_latency_seconds_count") == 2
     assert delta("vllm:e2e_request_latency_seconds_sum") > 0
+    assert delta("vllm:request_queue_time_seconds_count") == 2  # one per request, engine-timed
+    assert (
+        0
+        <= delta("vllm:request_queue_time_seconds_sum")
+        < delta("vllm:e2e_request_latency_seconds_sum")
+    )
     chunks_after_first = sum(u["completion_tokens"] - 1 for u in usages)
     assert delta("vllm:inter_token_latency_seconds_count") == chunks_after_first
 

@@ -3,6 +3,7 @@ streams, refuses new requests, flushes the usage ledger, then exits."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -115,3 +116,14 @@ def test_sigterm_drains_streams_refuses_new_work_and_flushes_the_ledger(
             (request_id,),
         ).fetchone()
     assert row == ("ok", 16)
+    # Logs are JSON lines; the stream's access line carries its request id and final status.
+    printed = []
+    while not served.lines.empty():
+        printed.append(served.lines.get())
+    logs = [json.loads(line) for line in printed if line.startswith("{")]
+    assert logs and all({"ts", "level", "logger", "message", "request_id"} <= set(e) for e in logs)
+    [access] = [
+        e for e in logs if e["logger"] == "talkloop.access" and e["request_id"] == request_id
+    ]
+    assert access["path"] == "/v1/chat/completions" and access["status"] == 200
+    assert access["duration_ms"] > 0

@@ -99,3 +99,19 @@ def test_strong_admin_key_is_accepted() -> None:
     assert settings.admin_key is not None
     assert settings.admin_key.get_secret_value() == STRONG
     assert STRONG not in repr(settings)
+
+
+def test_engine_settings_reach_the_engine_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from talkloop.server.app import engine_config
+
+    monkeypatch.setenv("TALKLOOP_MAX_NUM_SEQS", "24")
+    monkeypatch.setenv("TALKLOOP_MAX_NUM_BATCHED_TOKENS", "1024")
+    config = engine_config(Settings(quantization="int4", kv_cache_mb=100, speculative="ngram"))
+    assert config.scheduler.max_num_seqs == 24
+    assert config.scheduler.max_num_batched_tokens == 1024
+    assert config.quantization == "int4" and config.speculative.method == "ngram"
+    assert config.cache.kv_cache_bytes == 100 << 20
+    with pytest.raises(ValidationError, match="max_num_seqs"):
+        Settings(max_num_seqs=0)
+    with pytest.raises(ValidationError, match="log_format"):
+        Settings(log_format="xml")

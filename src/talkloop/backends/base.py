@@ -62,6 +62,7 @@ class GenerationChunk:
     logprobs: tuple[TokenLogprob, ...] | None = None
     finish_reason: str | None = None
     usage: Usage | None = None  # set on the request's last chunk
+    queue_time_s: float | None = None  # on the first chunk, where the backend knows it
 
 
 class ModelBackend(Protocol):

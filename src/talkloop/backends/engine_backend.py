@@ -6,6 +6,7 @@ refuses new work (fast, with a retry hint) beyond a bounded queue instead of que
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -101,12 +102,16 @@ class EngineBackend:
         self, request: GenerationRequest, prompt_ids: list[int]
     ) -> AsyncIterator[GenerationChunk]:
         completion_tokens = 0
+        first = True
         stream = self._async.generate(prompt_ids, request.params, request.request_id)
         async for output in stream:
             if output.error:
                 raise BackendError(f"generation failed: {output.error}")
             completion_tokens += sum(len(d.token_ids) for d in output.deltas)
             for chunk in _chunks(output, completion_tokens):
+                if first and output.queue_time_s is not None:
+                    chunk = dataclasses.replace(chunk, queue_time_s=output.queue_time_s)
+                first = False
                 yield chunk
 
     def _admit(self, num_tokens: int) -> None:

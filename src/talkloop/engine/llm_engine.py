@@ -204,9 +204,14 @@ class LLMEngine:
             del self._requests[request_id]
             for seq in seqs:
                 self._text.pop(seq.seq_id, None)
-        num_prompt = len(seqs[0].prompt_token_ids)
-        num_cached = seqs[0].num_cached_tokens
-        return RequestOutput(request_id, deltas, finished, num_prompt, num_cached)
+        first = seqs[0]
+        num_prompt = len(first.prompt_token_ids)
+        queued = None
+        if first.first_scheduled_time is not None:
+            queued = first.first_scheduled_time - first.arrival_time
+        return RequestOutput(
+            request_id, deltas, finished, num_prompt, first.num_cached_tokens, queue_time_s=queued
+        )
 
     def _fail(self, request_ids: set[str], exc: Exception) -> list[RequestOutput]:
         outputs = []

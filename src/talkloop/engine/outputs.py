@@ -32,3 +32,4 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int = 0
     error: str | None = None  # set when the request failed inside the engine
+    queue_time_s: float | None = None  # arrival to first scheduled, once it was scheduled

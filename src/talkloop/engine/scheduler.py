@@ -8,6 +8,7 @@ allow. When blocks run out the latest-arrived running sequence is preempted by r
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -102,6 +103,8 @@ class Scheduler:
                 other.num_skips += other.arrival_time < seq.arrival_time
             self.block_manager.allocate(seq, target)
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:  # not again after a preemption
+                seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new

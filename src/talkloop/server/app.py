@@ -18,7 +18,12 @@ from fastapi import APIRouter, FastAPI
 from talkloop.backends.base import ModelBackend
 from talkloop.backends.engine_backend import AdmissionLimits, EngineBackend
 from talkloop.backends.remote import RemoteBackend, RemoteConfig, parse_replica_urls
-from talkloop.engine.config import CacheConfig, EngineConfig, SpeculativeConfig
+from talkloop.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+)
 from talkloop.server import admin_api, health, metrics, openai_api, usage_api
 from talkloop.server.bootstrap import bootstrap
 from talkloop.server.db.database import Database
@@ -61,25 +66,33 @@ def build_remote_backend(settings: Settings) -> RemoteBackend:
     return RemoteBackend(config)
 
 
-def build_backend(settings: Settings) -> ModelBackend:
-    """Remote replicas when `backend_urls` is set, else the built-in engine on `settings.model`
-    (None: the bundled model)."""
-    if settings.backend_urls:
-        return build_remote_backend(settings)
+def engine_config(settings: Settings) -> EngineConfig:
+    """The built-in engine's configuration from the server's settings."""
     kv_bytes = settings.kv_cache_mb << 20 if settings.kv_cache_mb else None
-    config = EngineConfig(
+    return EngineConfig(
         model=settings.model,
         dtype=settings.dtype,
         num_threads=settings.num_threads,
         max_model_len=settings.max_model_len,
         quantization=settings.quantization,
         cache=CacheConfig(kv_cache_bytes=kv_bytes),
+        scheduler=SchedulerConfig(
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+        ),
         speculative=SpeculativeConfig(
             method=settings.speculative, draft_model=settings.draft_model
         ),
     )
+
+
+def build_backend(settings: Settings) -> ModelBackend:
+    """Remote replicas when `backend_urls` is set, else the built-in engine on `settings.model`
+    (None: the bundled model)."""
+    if settings.backend_urls:
+        return build_remote_backend(settings)
     limits = AdmissionLimits(settings.max_queued_requests, settings.max_queued_prompt_tokens)
-    return EngineBackend.from_config(config, settings.served_model_name, limits)
+    return EngineBackend.from_config(engine_config(settings), settings.served_model_name, limits)
 
 
 def _announce_admin_key(secret: str, callback: AdminKeyCallback | None) -> None:

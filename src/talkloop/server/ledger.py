@@ -61,6 +61,10 @@ class MeterHooks(Protocol):
         """Each chunk handed on (`since_last_s` None for the first); must be cheap."""
         ...
 
+    def on_scheduled(self, entry: UsageEntry, queue_time_s: float) -> None:
+        """Once, when the backend reports how long the request queued before it ran."""
+        ...
+
     def on_finish(self, entry: UsageEntry) -> None:
         """Once, after the row is queued; must not block."""
         ...
@@ -75,6 +79,9 @@ class NoHooks:
         return None
 
     def on_chunk(self, entry: UsageEntry, since_start_s: float, since_last_s: float | None) -> None:
+        return None
+
+    def on_scheduled(self, entry: UsageEntry, queue_time_s: float) -> None:
         return None
 
     def on_finish(self, entry: UsageEntry) -> None:
@@ -217,6 +224,13 @@ class Meter:
             self._ledger.hooks.on_chunk(self._template, now - self._start, since_last)
         except Exception:
             logger.warning("meter hook on_chunk failed", exc_info=True)
+
+    def scheduled(self, queue_time_s: float) -> None:
+        """Note how long the backend queued the request before running it."""
+        try:
+            self._ledger.hooks.on_scheduled(self._template, queue_time_s)
+        except Exception:
+            logger.warning("meter hook on_scheduled failed", exc_info=True)
 
     def finish(self, status: UsageStatus) -> None:
         if self._done:

@@ -28,6 +28,7 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
                7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+# (vLLM uses its request-latency buckets for end-to-end and queue time alike.)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 # `ModelBackend.stats()` key -> gauge names (kv_cache_usage_perc also under its older name).
@@ -73,6 +74,9 @@ class ServingMetrics:
                              label, buckets=ITL_BUCKETS, registry=reg)  # fmt: skip
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency",
                              label, buckets=E2E_BUCKETS, registry=reg)  # fmt: skip
+        self.queue_time = Histogram("vllm:request_queue_time_seconds", "Time a request "
+                                    "waited in the engine's queue before it first ran", label,
+                                    buckets=E2E_BUCKETS, registry=reg)  # fmt: skip
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens", label, registry=reg)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens", label,
                                          registry=reg)  # fmt: skip

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import secrets
+import time
 from contextvars import ContextVar
 from typing import Any
 
@@ -19,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from talkloop.server.errors import ShuttingDownError
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("talkloop.access")
 
 REQUEST_ID_HEADER = "x-request-id"
 request_id_var: ContextVar[str] = ContextVar("talkloop_request_id", default="-")
@@ -48,9 +50,13 @@ class RequestIdMiddleware:
         request_id = new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
+        start = time.perf_counter()
+        status = 500  # if the app fails before it starts a response
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
                 message = {**message, "headers": headers}
@@ -59,7 +65,32 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            self._log_access(scope, status, time.perf_counter() - start)
             request_id_var.reset(token)
+
+    @staticmethod
+    def _log_access(scope: Scope, status: int, seconds: float) -> None:
+        """One line per request, after its body (a stream's whole duration)."""
+        if not access_logger.isEnabledFor(logging.INFO):
+            return
+        method, path = scope["method"], scope["path"]
+        client = scope.get("client")
+        headers = dict(scope.get("headers") or ())
+        access_logger.info(
+            "%s %s %d",
+            method,
+            path,
+            status,
+            extra={
+                "method": method,
+                "path": path,
+                "status": status,
+                "duration_ms": round(seconds * 1000, 1),
+                "client": f"{client[0]}:{client[1]}" if client else None,
+                "client_request_id": headers.get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
+                or None,
+            },
+        )
 
 
 class DrainGate:

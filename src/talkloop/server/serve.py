@@ -6,16 +6,13 @@ finish within `drain_timeout_s`; then the lifespan flushes the usage ledger and 
 
 from __future__ import annotations
 
-import logging
 from types import FrameType
 
 import uvicorn
 
 from talkloop.server.app import AdminKeyCallback, create_app
-from talkloop.server.middleware import DrainGate, RequestIdLogFilter
+from talkloop.server.middleware import DrainGate
 from talkloop.server.settings import Settings
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 
 class DrainingServer(uvicorn.Server):
@@ -28,13 +25,6 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.gate.start_draining()
         super().handle_exit(sig, frame)
-
-
-def configure_logging(level: int) -> None:
-    handler = logging.StreamHandler()
-    handler.addFilter(RequestIdLogFilter())
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def serve(settings: Settings, on_admin_key: AdminKeyCallback | None = None) -> None:

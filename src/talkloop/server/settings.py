@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     num_threads: int | None = Field(default=None, ge=1)
     max_model_len: int | None = Field(default=None, ge=1)
     kv_cache_mb: int | None = Field(default=None, ge=1)
+    # continuous batching: sequences per step, and tokens per step (chunked prefill + decodes)
+    max_num_seqs: int = Field(default=64, ge=1)
+    max_num_batched_tokens: int = Field(default=512, ge=1)
     max_queued_requests: int = Field(default=256, ge=1)
     max_queued_prompt_tokens: int = Field(default=262_144, ge=1)
     default_max_tokens: int = Field(default=512, ge=1)  # when a request names none
@@ -102,6 +105,9 @@ class Settings(BaseSettings):
     default_tenant: str = "default"
     load_bundled_characters: bool = True
     drain_timeout_s: float = Field(default=30.0, ge=0.0)
+    # logs: one JSON object per line (request id, and an access line per request) or text
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     ledger_flush_interval_s: float = Field(default=0.2, gt=0.0)
 
     @classmethod

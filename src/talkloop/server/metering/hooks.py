@@ -38,6 +38,9 @@ class Metering:
     def on_chunk(self, entry: UsageEntry, since_start_s: float, since_last_s: float | None) -> None:
         self._metrics.observe_chunk(entry.model, since_start_s, since_last_s)
 
+    def on_scheduled(self, entry: UsageEntry, queue_time_s: float) -> None:
+        self._metrics.queue_time.labels(entry.model).observe(queue_time_s)
+
     def on_finish(self, entry: UsageEntry) -> None:
         self._metrics.observe_finish(entry)
 

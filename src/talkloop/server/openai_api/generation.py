@@ -103,6 +103,8 @@ class Generation:
         self._finish(UsageStatus.CLIENT_DISCONNECTED)
 
     def _track(self, chunk: GenerationChunk) -> GenerationChunk:
+        if chunk.queue_time_s is not None:
+            self._meter.scheduled(chunk.queue_time_s)
         self._meter.chunk()
         self._completion_tokens += len(chunk.token_ids)
         if chunk.usage is not None:
