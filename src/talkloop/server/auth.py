@@ -1,19 +1,23 @@
 """Who is calling: API key authentication on every request, scopes, and the end-user.
 
 Keys are looked up by hash on every request (no cache), so a revocation takes effect on
-every replica at once. Admin keys manage tenants and keys and may use the API as their own
-tenant; user keys use the API. The end-user comes from `X-Talkloop-User` (or OpenAI `user`).
+every replica at once: one query in one worker-thread hop, with its own short session (a
+route that needs the database opens its own). Admin keys manage tenants and keys and may use
+the API as their own tenant; user keys use the API. The end-user comes from `X-Talkloop-User`
+(or OpenAI `user`).
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, replace
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from talkloop.server.db.database import Database
 from talkloop.server.db.models import KeyScope
-from talkloop.server.deps import SessionDep
+from talkloop.server.deps import ServicesDep, SessionDep
 from talkloop.server.errors import AuthenticationError, BadRequestError, PermissionDeniedError
 from talkloop.server.keys import MAX_KEY_CHARS, key_prefix
 from talkloop.server.store import PlatformStore, TenantStore
@@ -60,21 +64,32 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def authenticate(request: Request, session: SessionDep) -> Principal:
+def look_up_key(db: Database, secret: str) -> Principal:
+    """The principal `secret` authenticates (no end-user yet); raises 401 or 403."""
+    with db.session() as session:
+        found = PlatformStore(session).key_and_tenant(secret)
+        if found is None:
+            raise AuthenticationError(f"incorrect API key provided: {key_prefix(secret)}...")
+        key, tenant = found
+        if key.revoked_at is not None:
+            raise AuthenticationError(
+                f"API key {key.prefix}... was revoked", code="revoked_api_key"
+            )
+        if tenant.disabled_at is not None:
+            raise PermissionDeniedError(
+                f"tenant {tenant.name!r} is disabled", code="tenant_disabled"
+            )
+        return Principal(tenant.id, key.id, KeyScope(key.scope))
+
+
+async def authenticate(request: Request, services: ServicesDep) -> Principal:
     secret = bearer_token(request)
     if len(secret) > MAX_KEY_CHARS:
         raise AuthenticationError("incorrect API key provided")
-    found = PlatformStore(session).key_and_tenant(secret)
-    if found is None:
-        raise AuthenticationError(f"incorrect API key provided: {key_prefix(secret)}...")
-    key, tenant = found
-    if key.revoked_at is not None:
-        raise AuthenticationError(f"API key {key.prefix}... was revoked", code="revoked_api_key")
-    if tenant.disabled_at is not None:
-        raise PermissionDeniedError(f"tenant {tenant.name!r} is disabled", code="tenant_disabled")
     header_user = request.headers.get(END_USER_HEADER)
     end_user = check_end_user(header_user, END_USER_HEADER) if header_user is not None else None
-    return Principal(tenant.id, key.id, KeyScope(key.scope), end_user)
+    principal = await asyncio.to_thread(look_up_key, services.db, secret)
+    return replace(principal, end_user=end_user)
 
 
 PrincipalDep = Annotated[Principal, Depends(authenticate)]

@@ -17,6 +17,10 @@ from talkloop.server.store import TenantStore
 CHARACTER_PREFIX = "character/"
 
 
+def is_character(model: str) -> bool:
+    return model.startswith(CHARACTER_PREFIX)
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     name: str  # as the client named it (echoed in responses and metered)
@@ -38,8 +42,12 @@ class ModelRegistry:
 
     def resolve(self, name: str, store: TenantStore) -> ResolvedModel:
         """The backend (and character) for `name`; NotFoundError names what exists."""
-        if name.startswith(CHARACTER_PREFIX):
+        if is_character(name):
             return self._resolve_character(name, store)
+        return self.resolve_backend(name)
+
+    def resolve_backend(self, name: str) -> ResolvedModel:
+        """The backend named `name` (no database needed); NotFoundError names what exists."""
         backend = self._backends.get(name)
         if backend is None:
             raise NotFoundError(

@@ -1,7 +1,7 @@
 """What every `/v1` call shares: its context (ids, caller, model), metering, SSE framing.
 
-A `Call` is resolved once per request: the caller's tenant store resolves `model` (a backend
-or a character) through `ModelRegistry.resolve`, off the event loop.
+A `Call` is resolved once per request through `ModelRegistry`: a backend name in memory, a
+character through the caller's tenant store, off the event loop.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from starlette.background import BackgroundTask
 from talkloop.backends.base import Usage
 from talkloop.server.auth import Principal
 from talkloop.server.ledger import Meter
-from talkloop.server.model_registry import ResolvedModel
+from talkloop.server.model_registry import ResolvedModel, is_character
 from talkloop.server.openai_api.generation import Generation
 from talkloop.server.services import Services
 from talkloop.server.store import TenantStore
@@ -53,7 +53,10 @@ async def resolve_call(
         with services.db.session() as session:
             return services.models.resolve(model, TenantStore(session, principal.tenant_id))
 
-    resolved = await asyncio.to_thread(resolve)
+    if is_character(model):  # a database lookup, off the event loop
+        resolved = await asyncio.to_thread(resolve)
+    else:
+        resolved = services.models.resolve_backend(model)
     return Call(request.state.request_id, principal, resolved, int(time.time()))
 
 
