@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     redis_prefix: str = "talkloop:limits:"  # Redis key prefix; one per deployment
     rate_limit_requests_per_minute: int | None = Field(default=None, ge=1)  # per key; admin
     rate_limit_tokens_per_minute: int | None = Field(default=None, ge=1)  # rows override
+    # How long a replica may apply limits, quotas and prices another replica changed (this
+    # replica's own changes apply at once); 0 reads them for every request.
+    policy_cache_ttl_s: float = Field(default=1.0, ge=0.0)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     # model

@@ -33,6 +33,9 @@ class Metering:
         self._metrics = metrics
 
     async def admit(self, entry: UsageEntry, request: GenerationRequest) -> None:
+        cached = self._admission.cached_policy(entry)
+        if cached is not None and cached.free:
+            return  # nothing to check or hold: no worker-thread hop
         await asyncio.to_thread(self._admission.admit, entry, request)
 
     def on_chunk(self, entry: UsageEntry, since_start_s: float, since_last_s: float | None) -> None:
@@ -70,5 +73,7 @@ def build_metering(
         settings.rate_limit_requests_per_minute, settings.rate_limit_tokens_per_minute
     )
     backends = {backend.model_name: backend for backend in models.backends}
-    admission = Admission(db, limiter, QuotaBook(db), backends, defaults)
+    admission = Admission(
+        db, limiter, QuotaBook(db), backends, defaults, settings.policy_cache_ttl_s
+    )
     return Metering(admission, limiter, metrics)

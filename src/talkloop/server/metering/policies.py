@@ -1,11 +1,14 @@
 """What admins configure: prices, quotas and per-key rate limits (create, replace, list).
 
 Quotas and rate limits are set by (tenant, key) with `PUT` semantics: setting again replaces.
-Prices are appended with an `effective_from`, so the history of prices stays.
+Prices are appended with an `effective_from`, so the history of prices stays. Whoever commits a
+change calls `changed()`, so this process's admission drops what it cached at once (other
+replicas within `policy_cache_ttl_s`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +30,20 @@ from talkloop.server.errors import ConflictError, NotFoundError
 from talkloop.server.metering.prices import default_cached_price
 from talkloop.server.metering.quotas import period_start
 from talkloop.server.store import PlatformStore
+
+_generation = itertools.count(1)
+_current = 0
+
+
+def generation() -> int:
+    """Bumped by `changed()`: a cached policy older than this is stale."""
+    return _current
+
+
+def changed() -> None:
+    """Call after committing a change of prices, quotas or rate limits."""
+    global _current
+    _current = next(_generation)
 
 
 def add_price(

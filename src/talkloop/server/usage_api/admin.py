@@ -35,6 +35,7 @@ def create_price(body: PriceCreate, _admin: AdminDep, session: SessionDep) -> Pr
         effective_from=body.effective_from,
     )
     session.commit()
+    policies.changed()
     return PricePublic.model_validate(row)
 
 
@@ -63,6 +64,7 @@ def set_quota(body: QuotaSet, _admin: AdminDep, session: SessionDep) -> QuotaPub
         body.max_cost_micros,
     )  # fmt: skip
     session.commit()
+    policies.changed()
     return quota_public(row)
 
 
@@ -76,6 +78,7 @@ def list_quotas(tenant_id: str, _admin: AdminDep, session: SessionDep) -> list[Q
 def delete_quota(quota_id: str, tenant_id: str, _admin: AdminDep, session: SessionDep) -> None:
     policies.delete_quota(session, tenant_id, quota_id)
     session.commit()
+    policies.changed()
 
 
 def rate_limit_public(row: KeyRateLimit) -> RateLimitPublic:
@@ -95,6 +98,7 @@ def set_rate_limit(body: RateLimitSet, _admin: AdminDep, session: SessionDep) ->
         body.tokens_per_minute,
     )  # fmt: skip
     session.commit()
+    policies.changed()
     return rate_limit_public(row)
 
 
