@@ -10,6 +10,11 @@ errors. The same prompts also go through the engine in this process, built exact
 server builds it (`build_backend` on the same settings), the two modes taking turns per level:
 overhead = (TTFT over HTTP - TTFT direct) / TTFT over HTTP, per level (target: < 5% at 16).
 Replies are greedy with a fixed length (`ignore_eos`), so both sides do the same work.
+Users think between turns (`--think-s`, mean seconds; each user's first turn is delayed the
+same way), from seeded generators, so both modes see the same arrival pattern. With
+`--think-s 0` every user fires the next turn the moment a reply ends: fixed-length replies then
+end on the same engine step, and each wave of requests lands together, which makes TTFT a
+measure of which engine step a request's arrival catches rather than of the server.
 
     .venv/bin/python bench/serve.py                                   # 1, 4, 16 users
     .venv/bin/python bench/serve.py --concurrency 1 4 --turns 2 --max-tokens 16   # quick look
@@ -23,6 +28,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import secrets
 import signal
 import socket
@@ -159,13 +165,16 @@ def _tick(result: RequestResult, start: float, last: float | None) -> float:
 
 
 async def run_level(
-    driver: Driver, concurrency: int, turns: int, max_tokens: int
+    driver: Driver, concurrency: int, turns: int, max_tokens: int, think_s: float = 0.0
 ) -> tuple[list[RequestResult], float]:
-    """`concurrency` users, each `turns` turns back to back; (results, wall seconds)."""
+    """`concurrency` users, each `turns` turns with think time between; (results, wall s)."""
 
     async def user(index: int) -> list[RequestResult]:
         results = []
+        rng = random.Random(index)
         for turn in range(turns):
+            if think_s > 0:  # uniform in [0.5, 1.5] x the mean; before the first turn too
+                await asyncio.sleep(think_s * rng.uniform(0.5, 1.5))
             try:
                 results.append(await driver.stream(conversation(index, turn), max_tokens))
             except Exception as exc:  # a failed request is a result, not the end of the run
@@ -266,7 +275,9 @@ async def measure(
         collected: dict[str, tuple[list[RequestResult], float]] = {m: ([], 0.0) for m in drivers}
         for _ in range(args.rounds):
             for mode, driver in drivers.items():
-                results, wall_s = await run_level(driver, concurrency, args.turns, args.max_tokens)
+                results, wall_s = await run_level(
+                    driver, concurrency, args.turns, args.max_tokens, args.think_s
+                )
                 previous, previous_s = collected[mode]
                 collected[mode] = (previous + results, previous_s + wall_s)
         for mode, (results, wall_s) in collected.items():
@@ -332,7 +343,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['machine']}. {report['note']}",
         "",
         f"Workload: {slo['turns']} turns per user, {slo['max_tokens']} tokens per reply (greedy, "
-        f"fixed length), a ~{slo['persona_chars']}-character persona shared by every user. "
+        f"fixed length), a ~{slo['persona_chars']}-character persona shared by every user, "
+        f"think time {slo['think_s']:g} s on average between turns (0: back to back). "
         f"SLO: TTFT < {slo['slo_ttft_ms']:.0f} ms and mean ITL < {slo['slo_itl_ms']:.0f} ms.",
         "",
         "| users | mode | TTFT p50/p95/p99 ms | ITL p50/p95/p99 ms | E2E p50/p95/p99 ms "
@@ -372,6 +384,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--turns", type=int, default=4, help="turns per user at each level")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument(
+        "--think-s", type=float, default=1.0, help="mean think time between turns (0: none)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the two modes")
     parser.add_argument("--threads", type=int, default=2, help="engine threads (both modes)")
     parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
