@@ -4,7 +4,8 @@ The runner flattens a step's tokens: prefill chunks first (one sequence each, an
 then decode tokens (one per sequence). New keys/values are written to their cache slots, then
 prefill chunks attend sequence by sequence and decodes attend as one padded batch; decodes
 whose sequences share leading blocks (one persona prefix) read those blocks once per group
-(see `shared_prefix`). Plain PyTorch, so the same code runs on CPU and CUDA.
+(see `shared_prefix`). Plain PyTorch, so the same code runs on CPU and CUDA; on the CPU,
+decodes use the native kernel when it is built (`native`), which reads blocks in place.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from talkloop.engine import native
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor  # [B] int64
     decode_bias: torch.Tensor | None  # [B, max_blocks * block_size]: 0 attend, -inf not
     decode_shared: tuple[SharedPrefix, ...] = ()
+    decode_native: bool = False  # decodes read the cache in place (native CPU kernel)
 
 
 class KVCache:
@@ -150,23 +154,36 @@ def _decode_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    # NOTE: for one query token SDPA's CPU kernels are ~20x slower than two grouped matmuls.
     tables = meta.decode_block_tables  # [B, max_blocks]
     batch = tables.shape[0]
     num_kv_heads, _, _, head_dim = key_cache.shape
-    keys = _gather(key_cache, tables).view(num_kv_heads, batch, -1, head_dim)  # [Hkv, B, L, D]
-    values = _gather(value_cache, tables).view(num_kv_heads, batch, -1, head_dim)
     group = q.shape[1] // num_kv_heads
+    if meta.decode_native and not meta.decode_shared:
+        return native.decode_attention(
+            q, key_cache, value_cache, tables, meta.decode_context_lens, scale
+        )
     # q head h reads kv head h // group: [B, H, D] -> [Hkv, B, G, D]
     query = q.view(batch, num_kv_heads, group, head_dim).transpose(0, 1)
-    scores = torch.matmul(query, keys.transpose(-1, -2)).float().mul_(scale)  # [Hkv, B, G, L]
-    if meta.decode_bias is not None:  # 0 where attended, -inf past each context length
-        scores.add_(meta.decode_bias.view(1, batch, 1, -1))
-    if not meta.decode_shared:
-        probs = scores.softmax(dim=-1).to(values.dtype)
-        out = torch.matmul(probs, values)  # [Hkv, B, G, D]
-        return out.transpose(0, 1).reshape(batch, -1, head_dim)  # [B, H, D]
-    out, lse = _attend_with_lse(scores, values)
+    if meta.decode_native:  # each row's own blocks in place; shared blocks below
+        own, own_lse = native.decode_attention_lse(
+            q, key_cache, value_cache, tables, meta.decode_context_lens, scale
+        )
+        out = own.view(batch, num_kv_heads, group, head_dim).transpose(0, 1)
+        lse = own_lse.view(batch, num_kv_heads, group, 1).transpose(0, 1)
+    else:
+        # NOTE: for one query token SDPA's CPU kernels are ~20x slower than grouped matmuls.
+        keys = _gather(key_cache, tables).view(num_kv_heads, batch, -1, head_dim)  # [Hkv,B,L,D]
+        values = _gather(value_cache, tables).view(num_kv_heads, batch, -1, head_dim)
+        scores = torch.matmul(query, keys.transpose(-1, -2)).float().mul_(scale)  # [Hkv,B,G,L]
+        if meta.decode_bias is not None:  # 0 where attended, -inf past each context length
+            scores.add_(meta.decode_bias.view(1, batch, 1, -1))
+        if not meta.decode_shared:
+            probs = scores.softmax(dim=-1).to(values.dtype)
+            out = torch.matmul(probs, values)  # [Hkv, B, G, D]
+            return out.transpose(0, 1).reshape(batch, -1, head_dim)  # [B, H, D]
+        out, lse = _attend_with_lse(scores, values)
+    out = out.contiguous()
+    lse = lse.contiguous()
     for shared in meta.decode_shared:
         rows, num = shared.rows, shared.rows.numel()
         # Every member's queries against the shared blocks, read once: [Hkv, n * G, Ls].

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from talkloop.engine import native
 from talkloop.engine.attention import AttentionMetadata, KVCache, PrefillChunk, SharedPrefix
 from talkloop.engine.block_manager import BlockManager
 from talkloop.engine.models.llama import LlamaForCausalLM
@@ -66,6 +67,11 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_manager = block_manager
         self.device = torch.device(device)
+        head_dim = kv_cache.keys[0].shape[-1] if kv_cache.keys else 0
+        # The native kernel reads each row's own blocks in place (no gather into a batch).
+        self.native_decode = native.decode_attention_supported(
+            self.device, kv_cache.dtype, head_dim
+        )
 
     @torch.inference_mode()
     def run(self, output: SchedulerOutput) -> RunnerOutput:
@@ -175,6 +181,7 @@ class ModelRunner:
             "decode_context_lens": lens,
             "decode_bias": bias,
             "decode_shared": tuple(shared),
+            "decode_native": self.native_decode,
         }
 
 

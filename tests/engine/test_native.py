@@ -1,0 +1,100 @@
+"""The native decode-attention kernel: equal to the PyTorch path, log-sum-exp exact, the same
+engine output, and a clean fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from talkloop.engine import native
+from talkloop.engine.attention import AttentionMetadata, _decode_attention
+from tests.engine.tiny import greedy, reference_greedy, tiny_config, tiny_engine, tiny_model
+
+needs_kernel = pytest.mark.skipif(
+    native.library() is None, reason="no C++ compiler: the PyTorch path is tested alone"
+)
+
+
+def _case(dtype: torch.dtype, lens: list[int], block_size: int = 4, seed: int = 0):
+    torch.manual_seed(seed)
+    kv_heads, group, dim, num_blocks = 2, 3, 8, 64
+    caches = [torch.randn(kv_heads, num_blocks, block_size, dim, dtype=dtype) for _ in "kv"]
+    width = max(-(-n // block_size) for n in lens)
+    tables = torch.stack([torch.randperm(num_blocks)[:width] for _ in lens])
+    lens_t = torch.tensor(lens)
+    beyond = torch.arange(width * block_size).unsqueeze(0) >= lens_t.unsqueeze(1)
+    bias = torch.zeros(beyond.shape).masked_fill_(beyond, float("-inf"))
+    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), (), 0, tables, lens_t, bias)
+    q = torch.randn(len(lens), kv_heads * group, dim, dtype=dtype)
+    return q, caches[0], caches[1], meta
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["f32", "bf16"]
+)
+def test_kernel_equals_the_pytorch_path(dtype: torch.dtype, tolerance: float) -> None:
+    q, keys, values, meta = _case(dtype, [1, 5, 16, 37, 4])  # partial and single blocks
+    expected = _decode_attention(q, keys, values, meta, 0.35)
+    got = native.decode_attention(q, keys, values, meta.decode_block_tables,
+                                  meta.decode_context_lens, 0.35)  # fmt: skip
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+@needs_kernel
+def test_log_sum_exp_of_the_scaled_scores() -> None:
+    q, keys, values, meta = _case(torch.float32, [3, 9])
+    out, lse = native.decode_attention_lse(
+        q, keys, values, meta.decode_block_tables, meta.decode_context_lens, 0.5
+    )
+    for row, length in enumerate([3, 9]):
+        for head in range(q.shape[1]):
+            kv = head // 3
+            k = keys[kv][meta.decode_block_tables[row]].reshape(-1, keys.shape[-1])[:length]
+            scores = (k @ q[row, head]) * 0.5
+            assert lse[row, head].item() == pytest.approx(torch.logsumexp(scores, 0).item(), 1e-5)
+    plain = native.decode_attention(q, keys, values, meta.decode_block_tables,
+                                    meta.decode_context_lens, 0.5)  # fmt: skip
+    torch.testing.assert_close(out, plain)
+
+
+@needs_kernel
+def test_engine_output_is_the_same_with_the_kernel_or_without() -> None:
+    model = tiny_model(tiny_config("llama"), seed=8)
+    prompts = [[*range(40, 80), 100 + i] for i in range(4)] + [[7, 8, 9]]
+    outputs = []
+    for use_kernel in (True, False):
+        engine = tiny_engine(model, num_blocks=128, block_size=4, max_num_batched_tokens=64)
+        engine.runner.native_decode = use_kernel
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", prompt, greedy(max_tokens=12, ignore_eos=True))
+        tokens: dict[str, list[int]] = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                for d in out.deltas:
+                    tokens.setdefault(out.request_id, []).extend(d.token_ids)
+        outputs.append(tokens)
+    assert outputs[0] == outputs[1]
+    assert outputs[0]["r4"] == reference_greedy(model, [7, 8, 9], 12)
+
+
+def test_disabled_or_unbuildable_kernels_fall_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path
+) -> None:
+    native.library.cache_clear()
+    try:
+        monkeypatch.setenv(native.ENABLE_ENV, "0")
+        assert native.library() is None
+        assert not native.decode_attention_supported(torch.device("cpu"), torch.float32, 64)
+        native.library.cache_clear()
+        monkeypatch.delenv(native.ENABLE_ENV)
+        monkeypatch.setenv("TALKLOOP_CACHE_DIR", str(tmp_path))
+        monkeypatch.setattr(native.shutil, "which", lambda name: None)
+        with caplog.at_level(logging.WARNING, logger="talkloop.engine.native"):
+            assert native.library() is None
+        assert "no C++ compiler found" in caplog.text
+    finally:
+        native.library.cache_clear()
