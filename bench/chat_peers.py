@@ -30,6 +30,7 @@ HF_FOLDER = CACHE / "smollm2-bf16"
 SERVED_MODEL = "smollm2"
 THREADS = 2
 MAX_MODEL_LEN = 4096
+TALKLOOP_QUANTIZATION = "int4"  # weight-only, for its single-stream decode speed
 PEERS = ("talkloop", "talkloop-spec", "vllm", "llamacpp")  # llama.cpp last: the slowest
 START_TIMEOUT_S = {"talkloop": 180.0, "talkloop-spec": 180.0, "llamacpp": 120.0, "vllm": 900.0}
 STOP_TIMEOUT_S = 20.0
@@ -154,11 +155,21 @@ def _command(
     from talkloop.engine.assets import default_model_path
 
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONUNBUFFERED": "1"}
-    if peer.startswith("talkloop"):
-        script = str(ROOT / "bench" / "talkloop_server.py")
-        cmd = [sys.executable, script, "--port", str(port), "--data-dir", str(data_dir)]
-        cmd += ["--speculative", "ngram" if peer == "talkloop-spec" else "none"]
-        return [*cmd, "--api-key", api_key, "--threads", str(THREADS)], env
+    if peer.startswith("talkloop"):  # `talkloop serve`, configured as a user would
+        env |= {
+            "TALKLOOP_DATA_DIR": str(data_dir),
+            "TALKLOOP_ADMIN_KEY": api_key,
+            "TALKLOOP_DEV_MODE": "true",
+            "TALKLOOP_SERVED_MODEL_NAME": SERVED_MODEL,
+            "TALKLOOP_LOAD_BUNDLED_CHARACTERS": "false",
+            "TALKLOOP_NUM_THREADS": str(THREADS),
+            "TALKLOOP_MAX_MODEL_LEN": str(MAX_MODEL_LEN),
+            "TALKLOOP_QUANTIZATION": TALKLOOP_QUANTIZATION,
+            "TALKLOOP_MAX_NUM_BATCHED_TOKENS": "2048",
+            "TALKLOOP_SPECULATIVE": "ngram" if peer == "talkloop-spec" else "none",
+            "TALKLOOP_LOG_LEVEL": "warning",
+        }
+        return [sys.executable, "-m", "talkloop.cli", "serve", "--port", str(port)], env
     if peer == "llamacpp":
         python = str(LLAMACPP_VENV / "bin" / "python")
         cmd = [python, "-m", "llama_cpp.server", "--model", str(default_model_path())]

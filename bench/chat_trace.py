@@ -268,8 +268,9 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"# Chat-trace benchmark ({report['date']}, {report['machine']})",
         "",
         f"SmolLM2-135M-Instruct, {report['threads']} threads per server, one server at a time, "
-        "all over HTTP (OpenAI chat completions, SSE) with the same client. talkloop: int4 "
-        "weights, bf16 compute, prefix cache on; llama.cpp: Q4_1 GGUF, `llama_cpp.server "
+        "all over HTTP (OpenAI chat completions, SSE) with the same client. talkloop: "
+        "`talkloop serve` with int4 weights, bf16 compute, prefix cache on, native decode "
+        "kernel; llama.cpp: Q4_1 GGUF, `llama_cpp.server "
         "--interrupt_requests False`; vLLM-CPU: bf16 safetensors folder written by talkloop's "
         "loader, prefix caching on. Greedy; output lengths forced (ignore_eos, or EOS banned "
         "via logit_bias for llama.cpp).",

@@ -23,6 +23,7 @@ from talkloop.engine.models.linear import quantize_linears
 from talkloop.engine.models.llama import LlamaForCausalLM
 from talkloop.engine.output_processor import Detokenizer
 from talkloop.engine.sampling_params import SamplingParams
+from talkloop.engine.system import release_free_memory
 from talkloop.engine.tokenizer import Tokenizer
 from talkloop.engine.weights import load_checkpoint
 
@@ -58,6 +59,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     del checkpoint
     quantize_linears(model, config.quantization)
     model.to(config.device).eval()
+    release_free_memory()
     seconds = time.perf_counter() - start
     logger.info("loaded %s in %.2f s", path, seconds)
     return LoadedModel(model, tokenizer, ChatTemplate.for_tokenizer(tokenizer), path, seconds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 
@@ -20,6 +21,20 @@ def setup_torch(config: EngineConfig) -> None:
         threads = config.num_threads or os.cpu_count() or 1
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc only; elsewhere nothing to do).
+
+    Loading dequantizes whole checkpoints through temporary buffers; glibc keeps what they
+    freed in the loading thread's arena (a server loads in a worker thread), about 300 MB of
+    resident memory that no one uses again.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def total_memory_bytes(device: str) -> int:
