@@ -82,3 +82,28 @@ def test_each_app_has_its_own_registry() -> None:
     first.prompt_tokens.labels("m").inc(5)
     assert second.registry.get_sample_value("vllm:prompt_tokens_total", {"model_name": "m"}) is None
     assert first.registry.get_sample_value("vllm:prompt_tokens_total", {"model_name": "m"}) == 5
+
+
+class _SpeculatingBackend:
+    model_name = "m"
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "num_requests_running": 1.0,
+            "spec_decode_num_draft_tokens": 40.0,
+            "spec_decode_num_accepted_tokens": 25.0,
+        }
+
+
+def test_speculative_totals_are_vllm_counters() -> None:
+    metrics = ServingMetrics()
+    metrics.track_backends(lambda: [_SpeculatingBackend()])  # type: ignore[list-item]
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    drafted = families["vllm:spec_decode_num_draft_tokens"]
+    assert drafted.type == "counter"
+    assert [(s.name, s.labels, s.value) for s in drafted.samples] == [
+        ("vllm:spec_decode_num_draft_tokens_total", {"model_name": "m"}, 40.0)
+    ]
+    accepted = families["vllm:spec_decode_num_accepted_tokens"].samples[0]
+    assert accepted.value == 25.0
+    assert families["vllm:num_requests_running"].type == "gauge"

@@ -142,7 +142,13 @@ class EngineBackend:
         engine = self._engine
         blocks = engine.block_manager
         cache = blocks.cache
-        return {
+        speculation: dict[str, float] = {}
+        if engine.speculator.enabled:
+            speculation = {
+                "spec_decode_num_draft_tokens": float(engine.speculator.num_draft_tokens),
+                "spec_decode_num_accepted_tokens": float(engine.speculator.num_accepted_tokens),
+            }
+        return speculation | {
             "num_requests_running": float(len(engine.scheduler.running)),
             "num_requests_waiting": float(len(engine.scheduler.waiting)),
             # Blocks in use by live requests (cached blocks nobody uses count as free).

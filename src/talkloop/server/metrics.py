@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -37,6 +37,11 @@ STAT_GAUGES: dict[str, tuple[str, ...]] = {
     "num_requests_waiting": ("vllm:num_requests_waiting",),
     "kv_cache_usage_perc": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
 }
+# `ModelBackend.stats()` key -> counter name (running totals; exposed with a `_total` suffix).
+STAT_COUNTERS: dict[str, str] = {
+    "spec_decode_num_draft_tokens": "vllm:spec_decode_num_draft_tokens",
+    "spec_decode_num_accepted_tokens": "vllm:spec_decode_num_accepted_tokens",
+}
 UNMATCHED_ROUTE = "<unmatched>"
 
 BackendsFn = Callable[[], Sequence[ModelBackend]]
@@ -50,8 +55,19 @@ class BackendStatsCollector:
 
     def collect(self) -> Iterator[Metric]:
         families: dict[str, GaugeMetricFamily] = {}
+        counters: dict[str, CounterMetricFamily] = {}
         for backend in self.backends():
             for key, value in backend.stats().items():
+                counter_name = STAT_COUNTERS.get(key)
+                if counter_name is not None:
+                    counter = counters.get(counter_name)
+                    if counter is None:
+                        counter = CounterMetricFamily(
+                            counter_name, f"backend total {key}", labels=[MODEL_LABEL]
+                        )
+                        counters[counter_name] = counter
+                    counter.add_metric([backend.model_name], value)
+                    continue
                 for name in STAT_GAUGES.get(key, (f"talkloop:{key}",)):
                     family = families.get(name)
                     if family is None:
@@ -61,6 +77,7 @@ class BackendStatsCollector:
                         families[name] = family
                     family.add_metric([backend.model_name], value)
         yield from families.values()
+        yield from counters.values()
 
 
 class ServingMetrics:
