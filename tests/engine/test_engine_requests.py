@@ -194,3 +194,36 @@ def test_queue_time_is_reported_from_arrival_to_first_scheduling() -> None:
     assert first[0] is not None and second[0] is not None
     # "second" waited while "first" ran all its steps (max_num_seqs=1)
     assert 0 <= first[0] < second[0]
+
+
+def test_async_engine_builds_its_engine_on_its_own_thread() -> None:
+    import threading
+
+    built_on: list[str] = []
+
+    def build():
+        built_on.append(threading.current_thread().name)
+        return tiny_engine(MODEL)
+
+    async_engine = AsyncEngine(build)
+    try:
+        assert built_on == ["talkloop-engine"]  # model and steps share one OpenMP team
+
+        async def run() -> list[int]:
+            tokens: list[int] = []
+            params = greedy(max_tokens=4, ignore_eos=True)
+            async for out in async_engine.generate(PROMPT, params, "a"):
+                tokens += [t for d in out.deltas for t in d.token_ids]
+            return tokens
+
+        assert len(asyncio.run(run())) == 4
+    finally:
+        async_engine.shutdown()
+
+
+def test_async_engine_raises_what_building_raised() -> None:
+    def build():
+        raise ValueError("no such model file: x.gguf")
+
+    with pytest.raises(ValueError, match="no such model file"):
+        AsyncEngine(build)

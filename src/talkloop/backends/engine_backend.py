@@ -42,10 +42,11 @@ class EngineBackend:
         engine: LLMEngine,
         model_name: str,
         limits: AdmissionLimits | None = None,
+        async_engine: AsyncEngine | None = None,
     ) -> None:
         self.loaded = loaded
         self._engine = engine
-        self._async = AsyncEngine(engine)
+        self._async = async_engine or AsyncEngine(engine)
         self._model_name = model_name
         self._limits = limits or AdmissionLimits()
         self._lock = threading.Lock()
@@ -61,9 +62,16 @@ class EngineBackend:
         model_name: str | None = None,
         limits: AdmissionLimits | None = None,
     ) -> EngineBackend:
-        loaded = load_model(config)
+        models: list[LoadedModel] = []
+
+        def build() -> LLMEngine:  # on the engine's own thread (see AsyncEngine)
+            models.append(load_model(config))
+            return build_engine(config, models[0])
+
+        async_engine = AsyncEngine(build)
+        loaded = models[0]
         name = model_name or loaded.path.stem
-        return cls(loaded, build_engine(config, loaded), name, limits)
+        return cls(loaded, async_engine.engine, name, limits, async_engine)
 
     @property
     def model_name(self) -> str:
