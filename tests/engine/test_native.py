@@ -10,7 +10,14 @@ import torch
 
 from talkloop.engine import native
 from talkloop.engine.attention import AttentionMetadata, _decode_attention
-from tests.engine.tiny import greedy, reference_greedy, tiny_config, tiny_engine, tiny_model
+from tests.engine.tiny import (
+    greedy,
+    reference_greedy,
+    run_to_completion,
+    tiny_config,
+    tiny_engine,
+    tiny_model,
+)
 
 needs_kernel = pytest.mark.skipif(
     native.library() is None, reason="no C++ compiler: the PyTorch path is tested alone"
@@ -71,14 +78,9 @@ def test_engine_output_is_the_same_with_the_kernel_or_without() -> None:
         engine.runner.native_decode = use_kernel
         for i, prompt in enumerate(prompts):
             engine.add_request(f"r{i}", prompt, greedy(max_tokens=12, ignore_eos=True))
-        tokens: dict[str, list[int]] = {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                for d in out.deltas:
-                    tokens.setdefault(out.request_id, []).extend(d.token_ids)
-        outputs.append(tokens)
+        outputs.append(run_to_completion(engine))
     assert outputs[0] == outputs[1]
-    assert outputs[0]["r4"] == reference_greedy(model, [7, 8, 9], 12)
+    assert outputs[0]["r4:0"] == reference_greedy(model, [7, 8, 9], 12)
 
 
 def test_disabled_or_unbuildable_kernels_fall_back(

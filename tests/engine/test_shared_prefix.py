@@ -10,6 +10,7 @@ from tests.engine.tiny import (
     assert_no_leaked_blocks,
     greedy,
     reference_greedy,
+    run_to_completion,
     tiny_config,
     tiny_engine,
     tiny_model,
@@ -103,12 +104,8 @@ def test_users_on_one_persona_decode_exactly_with_the_shared_path() -> None:
     prompts = [[*persona, 100 + i, 5, 6 + i] for i in range(5)]
     for i, prompt in enumerate(prompts):
         engine.add_request(f"u{i}", prompt, greedy(max_tokens=10, ignore_eos=True))
-    tokens: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            for d in out.deltas:
-                tokens.setdefault(out.request_id, []).extend(d.token_ids)
+    tokens = run_to_completion(engine)
     assert max(groups_seen) >= 1  # the shared path ran
     for i, prompt in enumerate(prompts):
-        assert tokens[f"u{i}"] == reference_greedy(model, prompt, 10)
+        assert tokens[f"u{i}:0"] == reference_greedy(model, prompt, 10)
     assert_no_leaked_blocks(engine)

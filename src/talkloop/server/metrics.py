@@ -54,30 +54,20 @@ class BackendStatsCollector:
         self.backends: BackendsFn = lambda: ()
 
     def collect(self) -> Iterator[Metric]:
-        families: dict[str, GaugeMetricFamily] = {}
-        counters: dict[str, CounterMetricFamily] = {}
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
         for backend in self.backends():
             for key, value in backend.stats().items():
-                counter_name = STAT_COUNTERS.get(key)
-                if counter_name is not None:
-                    counter = counters.get(counter_name)
-                    if counter is None:
-                        counter = CounterMetricFamily(
-                            counter_name, f"backend total {key}", labels=[MODEL_LABEL]
-                        )
-                        counters[counter_name] = counter
-                    counter.add_metric([backend.model_name], value)
-                    continue
-                for name in STAT_GAUGES.get(key, (f"talkloop:{key}",)):
+                counter = STAT_COUNTERS.get(key)
+                names = (counter,) if counter else STAT_GAUGES.get(key, (f"talkloop:{key}",))
+                for name in names:
                     family = families.get(name)
                     if family is None:
-                        family = GaugeMetricFamily(
+                        kind = CounterMetricFamily if counter else GaugeMetricFamily
+                        family = families[name] = kind(
                             name, f"backend stat {key}", labels=[MODEL_LABEL]
                         )
-                        families[name] = family
                     family.add_metric([backend.model_name], value)
         yield from families.values()
-        yield from counters.values()
 
 
 class ServingMetrics:
