@@ -227,3 +227,28 @@ def test_async_engine_raises_what_building_raised() -> None:
 
     with pytest.raises(ValueError, match="no such model file"):
         AsyncEngine(build)
+
+
+def test_work_called_on_the_loop_thread_reports_its_errors_and_the_loop_lives_on() -> None:
+    import threading
+
+    async_engine = AsyncEngine(tiny_engine(MODEL))
+    try:
+        name = async_engine.call(lambda engine: threading.current_thread().name).result(10)
+        assert name == "talkloop-engine"
+
+        def fail(engine):
+            raise RuntimeError("embedding failed")
+
+        with pytest.raises(RuntimeError, match="embedding failed"):
+            async_engine.call(fail).result(10)
+        assert async_engine.is_running
+
+        async def run() -> int:
+            params = greedy(max_tokens=3, ignore_eos=True)
+            outs = [o async for o in async_engine.generate(PROMPT, params, "after")]
+            return sum(len(d.token_ids) for o in outs for d in o.deltas)
+
+        assert asyncio.run(run()) == 3
+    finally:
+        async_engine.shutdown()

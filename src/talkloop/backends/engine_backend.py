@@ -6,10 +6,12 @@ refuses new work (fast, with a retry hint) beyond a bounded queue instead of que
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from talkloop.backends.base import (
     BackendError,
@@ -23,6 +25,8 @@ from talkloop.engine.config import EngineConfig
 from talkloop.engine.llm_engine import LLMEngine
 from talkloop.engine.loader import LoadedModel, build_engine, load_model
 from talkloop.engine.outputs import RequestOutput
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,14 @@ class EngineBackend:
         with self._lock:
             self._in_flight -= 1
             self._in_flight_tokens -= num_tokens
+
+    async def run_on_engine_thread(self, fn: Callable[[], T]) -> T:
+        """Run other torch work (embeddings) on the engine's thread, between its steps.
+
+        One thread for all torch work keeps one OpenMP team: a second team (a worker thread
+        running torch ops) makes libgomp stop spinning and slows every decoding step.
+        """
+        return await asyncio.wrap_future(self._async.call(lambda _engine: fn()))
 
     async def is_ready(self) -> bool:
         return self._async.is_running

@@ -14,6 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TypeVar
 
 from talkloop.engine.errors import EngineDeadError
 from talkloop.engine.llm_engine import LLMEngine
@@ -22,6 +23,7 @@ from talkloop.engine.sampling_params import SamplingParams
 from talkloop.engine.system import setup_torch
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -107,10 +109,19 @@ class AsyncEngine:
         self._wakeup.set()
         self._thread.join(timeout_s)
 
-    def call(self, fn: Callable[[LLMEngine], object]) -> Future[object]:
-        """Run `fn(engine)` on the loop thread (for stats) and get its result as a future."""
-        result: Future[object] = Future()
-        self._submit(lambda: result.set_result(fn(self.engine)))
+    def call(self, fn: Callable[[LLMEngine], T]) -> Future[T]:
+        """Run `fn(engine)` on the loop thread between steps; its result (or error) as a future.
+
+        Other torch work belongs here too (embeddings): see the NOTE on the class."""
+        result: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                result.set_result(fn(self.engine))
+            except Exception as exc:  # the caller's error, not the loop's
+                result.set_exception(exc)
+
+        self._submit(run)
         return result
 
     def _submit(self, command: Callable[[], None]) -> None:

@@ -92,3 +92,19 @@ def test_each_request_is_metered_once_with_its_tokens(
     row = server.ledger_row(response.headers["x-request-id"])
     assert (row["endpoint"], row["model"], row["status"]) == ("embeddings", MODEL_NAME, "ok")
     assert (row["tenant_id"], row["prompt_tokens"], row["completion_tokens"]) == (tenant[0], 7, 0)
+
+
+def test_embedding_work_runs_on_the_engine_thread(engine_backend) -> None:  # type: ignore[no-untyped-def]
+    """One thread for all torch work keeps one OpenMP team (see AsyncEngine)."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from talkloop.server.openai_api.embeddings import run_compute
+
+    services = SimpleNamespace(models=SimpleNamespace(backends=[engine_backend]))
+    name = asyncio.run(run_compute(services, lambda: threading.current_thread().name))  # type: ignore[arg-type]
+    assert name == "talkloop-engine"
+    remote_only = SimpleNamespace(models=SimpleNamespace(backends=[]))
+    other = asyncio.run(run_compute(remote_only, lambda: threading.current_thread().name))  # type: ignore[arg-type]
+    assert other != "talkloop-engine"

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 import torch
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import Field
 
 from talkloop.backends.base import GenerationRequest, Usage
+from talkloop.backends.engine_backend import EngineBackend
 from talkloop.engine.embeddings import MODEL_NAME, Embedder
 from talkloop.engine.sampling_params import SamplingParams
 from talkloop.server.auth import Principal, PrincipalDep
@@ -27,6 +29,7 @@ from talkloop.server.ledger import Meter
 from talkloop.server.openai_api.schemas import Lenient
 from talkloop.server.services import Services
 
+T = TypeVar("T")
 router = APIRouter()
 ENDPOINT = "embeddings"
 MAX_INPUTS = 2048  # OpenAI's limit per request
@@ -41,6 +44,14 @@ class EmbeddingRequest(Lenient):
     user: str | None = None
 
 
+async def run_compute(services: Services, fn: Callable[[], T]) -> T:
+    """Torch work off the event loop: on the built-in engine's thread when there is one."""
+    for backend in services.models.backends:
+        if isinstance(backend, EngineBackend):
+            return await backend.run_on_engine_thread(fn)
+    return await asyncio.to_thread(fn)
+
+
 class EmbedderSlot:
     """The app's embedder, loaded once on first use (off the event loop)."""
 
@@ -48,10 +59,10 @@ class EmbedderSlot:
         self.lock = asyncio.Lock()
         self.embedder: Embedder | None = None
 
-    async def get(self) -> Embedder:
+    async def get(self, services: Services) -> Embedder:
         async with self.lock:
             if self.embedder is None:
-                self.embedder = await asyncio.to_thread(Embedder.load)
+                self.embedder = await run_compute(services, Embedder.load)
             return self.embedder
 
 
@@ -112,7 +123,7 @@ async def create_embeddings(
     body: EmbeddingRequest, request: Request, principal: PrincipalDep, services: ServicesDep
 ) -> dict[str, Any]:
     check_request(body)
-    embedder = await embedder_slot(request.app).get()
+    embedder = await embedder_slot(request.app).get(services)
     batch_ids = token_lists(body, embedder)
     num_tokens = sum(len(ids) for ids in batch_ids)
     request_id = request.state.request_id
@@ -124,7 +135,7 @@ async def create_embeddings(
             GenerationRequest(request_id, SamplingParams(max_tokens=1), prompt=flat_ids)
         )
         status = UsageStatus.ERROR
-        vectors = await asyncio.to_thread(embedder.encode_ids, batch_ids)  # [N, 384]
+        vectors = await run_compute(services, lambda: embedder.encode_ids(batch_ids))  # [N, 384]
         status = UsageStatus.OK
     except asyncio.CancelledError:
         status = UsageStatus.CLIENT_DISCONNECTED
