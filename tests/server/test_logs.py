@@ -16,6 +16,7 @@ def test_json_lines_carry_request_id_extra_fields_and_exceptions() -> None:
         {"name": "talkloop.x", "levelname": "ERROR", "msg": "failed %s", "args": ("here",)}
     )
     record.status = 503
+    record.color_message = "\x1b[36mfailed\x1b[0m"  # uvicorn's coloured copy: dropped
     token = request_id_var.set("req-1")
     try:
         RequestIdLogFilter().filter(record)
@@ -33,6 +34,7 @@ def test_json_lines_carry_request_id_extra_fields_and_exceptions() -> None:
     assert entry["message"] == "failed here" and entry["level"] == "error"
     assert entry["request_id"] == "req-1" and entry["status"] == 503
     assert entry["logger"] == "talkloop.x" and "ValueError: boom" in entry["exc_info"]
+    assert "color_message" not in entry
 
 
 def test_configure_logging_text_or_json(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,8 +15,14 @@ from typing import Any
 from talkloop.server.middleware import RequestIdLogFilter
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
-# Attributes every LogRecord has; anything else on a record came from `extra=`.
-_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
+# Attributes every LogRecord has; anything else on a record came from `extra=` (except
+# uvicorn's `color_message`, the message again with terminal colour codes).
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "request_id",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):
