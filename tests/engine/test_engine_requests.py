@@ -252,3 +252,28 @@ def test_work_called_on_the_loop_thread_reports_its_errors_and_the_loop_lives_on
         assert asyncio.run(run()) == 3
     finally:
         async_engine.shutdown()
+
+
+def test_work_still_queued_when_the_loop_dies_fails_instead_of_waiting() -> None:
+    import threading
+
+    from talkloop.engine.errors import EngineDeadError
+
+    class LoopKiller(BaseException):  # not an Exception: nothing on the loop catches it
+        pass
+
+    async_engine = AsyncEngine(tiny_engine(MODEL))
+    release = threading.Event()
+
+    def block_then_die(engine):
+        release.wait(10)
+        raise LoopKiller
+
+    first = async_engine.call(block_then_die)
+    queued = async_engine.call(lambda engine: "never runs")
+    release.set()
+    for waiting in (first, queued):  # the one that killed the loop, and the one behind it
+        with pytest.raises(EngineDeadError):
+            waiting.result(10)
+    with pytest.raises(EngineDeadError):
+        async_engine.call(lambda engine: None)

@@ -14,7 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from talkloop.engine.errors import EngineDeadError
 from talkloop.engine.llm_engine import LLMEngine
@@ -54,7 +54,11 @@ class AsyncEngine:
         else:
             self._build = engine
         self._built = built
-        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple[Callable[[], None], Future[Any] | None]] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._current_waiter: Future[Any] | None = None  # of the command the loop is running
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
@@ -72,8 +76,8 @@ class AsyncEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         added: Future[None] = Future()
-        self._submit(lambda: self._add(request_id, prompt_token_ids, params, stream, added))
-        await self._wait_added(added)
+        self._submit(lambda: self._add(request_id, prompt_token_ids, params, stream, added), added)
+        await asyncio.wrap_future(added)
         finished = False
         try:
             while not finished:
@@ -85,17 +89,6 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(request_id)
-
-    async def _wait_added(self, added: Future[None]) -> None:
-        """The add's result; EngineDeadError if the loop died before it ran the command."""
-        waiting = asyncio.wrap_future(added)
-        while True:
-            done, _ = await asyncio.wait([waiting], timeout=1.0)
-            if done:
-                return waiting.result()
-            if self._dead is not None:
-                waiting.cancel()
-                raise EngineDeadError(f"the engine loop stopped: {self._dead}")
 
     def abort(self, request_id: str) -> None:
         self._submit(lambda: self._abort(request_id))
@@ -121,13 +114,15 @@ class AsyncEngine:
             except Exception as exc:  # the caller's error, not the loop's
                 result.set_exception(exc)
 
-        self._submit(run)
+        self._submit(run, result)
         return result
 
-    def _submit(self, command: Callable[[], None]) -> None:
-        if self._dead is not None:
-            raise EngineDeadError(f"the engine loop stopped: {self._dead}")
-        self._commands.put(command)
+    def _submit(self, command: Callable[[], None], waiter: Future[Any] | None = None) -> None:
+        """Queue `command` for the loop; if the loop dies first, `waiter` gets EngineDeadError."""
+        with self._lock:
+            if self._dead is not None:
+                raise EngineDeadError(f"the engine loop stopped: {self._dead}")
+            self._commands.put((command, waiter))
         self._wakeup.set()
 
     # ---- loop thread --------------------------------------------------------------------------
@@ -154,10 +149,11 @@ class AsyncEngine:
     def _drain_commands(self) -> None:
         while True:
             try:
-                command = self._commands.get_nowait()
+                command, self._current_waiter = self._commands.get_nowait()
             except queue.Empty:
                 return
             command()
+            self._current_waiter = None
 
     def _run(self) -> None:
         if self._build is not None:
@@ -178,7 +174,15 @@ class AsyncEngine:
                 self._dispatch(self.engine.step())
         except BaseException as exc:  # the loop must never die silently
             logger.exception("engine loop died")
-            self._dead = exc
+            dead = EngineDeadError(f"the engine loop stopped: {exc}")
+            with self._lock:  # nothing is queued after this, and nothing queued waits forever
+                self._dead = exc
+                waiters = [self._current_waiter]
+                while not self._commands.empty():
+                    waiters.append(self._commands.get_nowait()[1])
+            for waiter in waiters:
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(dead)
             for stream in self._streams.values():
                 stream.put(EngineDeadError(f"the engine loop stopped: {exc}"))
             self._streams.clear()

@@ -169,7 +169,7 @@ class ModelRunner:
         padded = [t + [0] * (max_blocks - len(t)) for t in own]
         lens = self._tensor(own_lens)
         bias = None
-        if decodes:
+        if decodes and not self.native_decode:  # the kernel stops at each row's length itself
             key_positions = torch.arange(max_blocks * block_size, device=self.device)
             beyond = key_positions.unsqueeze(0) >= lens.unsqueeze(1)
             bias = torch.zeros(beyond.shape, dtype=torch.float32, device=self.device)
