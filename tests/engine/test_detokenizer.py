@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from talkloop.engine.assets import default_model_path
@@ -124,11 +124,14 @@ def test_prompt_context_keeps_sentencepiece_leading_space() -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(text=st.text(max_size=40))
+@example(text="<|endoftext|>")  # a special token's spelling encodes as that token
 def test_random_text_concatenates_to_full_decode(smollm: Tokenizer, text: str) -> None:
     ids = smollm.encode(text)
+    for skip in (True, False):
+        deltas, tail = _stream(smollm, ids, skip_special_tokens=skip)
+        assert "".join(deltas) + tail == smollm.decode(ids, skip_special_tokens=skip)
     deltas, tail = _stream(smollm, ids)
-    full = smollm.decode(ids)
-    assert "".join(deltas) + tail == full
+    full = smollm.decode(ids, skip_special_tokens=True)
     if REPLACEMENT not in full:
         assert not any(REPLACEMENT in delta for delta in deltas)
 

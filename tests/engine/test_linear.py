@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from talkloop.engine.models.linear import Linear, QuantizedLinear, quantize_linears
+from talkloop.engine.models.linear import (
+    Linear,
+    QuantizedLinear,
+    channel_ranges,
+    quantize_linears,
+)
 from tests.engine.tiny import full_logits, tiny_config, tiny_model
 
 
@@ -45,11 +50,51 @@ def test_int4_is_exact_on_q4_1_style_weights() -> None:
     torch.testing.assert_close(quant(x), dense(x), atol=2e-2, rtol=1e-2)
 
 
-def test_large_batches_use_the_dense_weight_exactly() -> None:
+@pytest.mark.parametrize("bits", [8, 4])
+def test_large_batches_take_the_w8a8_path(bits: int) -> None:
     dense = _dense()
-    quant = QuantizedLinear(dense, 4, group_size=32, max_quant_rows=8)
-    x = torch.randn(9, 96)
-    torch.testing.assert_close(quant(x), dense(x))
+    quant = QuantizedLinear(dense, bits, group_size=32, max_quant_rows=8)
+    assert quant.int8_weight is not None
+    if bits == 8:  # an int8 layer's W8A8 path shares its weight-only kernel's int8 weight
+        assert quant.int8_weight.data_ptr() == quant.qweight.data_ptr()
+    x = torch.randn(2, 9, 96)  # 18 rows, any leading shape
+    got = quant(x)
+    expected = dense(x)
+    assert got.shape == expected.shape
+    error = (got - expected).abs().max() / expected.abs().max()
+    assert 0 < error < 0.02  # int8 activations: close, and not the dense product
+    # Each row is quantized alone: its result does not depend on the rest of the batch.
+    torch.testing.assert_close(quant(x.reshape(18, 96)[:9]), got.reshape(18, -1)[:9])
+
+
+def test_outlier_channels_keep_a_massive_channel_exact() -> None:
+    dense = _dense(out_features=64, in_features=256, bias=False)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(32, 256, generator=g) * 0.3
+    x[:, 7] = 25.0  # one channel ~80x the rest, on every token
+    expected = dense(x)
+    ranges = x.abs().amax(dim=0)
+    plain = QuantizedLinear(dense, 8, max_quant_rows=8)
+    kept = QuantizedLinear(dense, 8, max_quant_rows=8, channel_range=ranges)
+    assert kept.outliers is not None and 7 in kept.outliers.indices.tolist()
+    error_plain = ((plain(x) - expected).norm() / expected.norm()).item()
+    error_kept = ((kept(x) - expected).norm() / expected.norm()).item()
+    assert error_kept < error_plain / 4, (error_kept, error_plain)
+
+
+def test_channel_ranges_observe_every_linear_input() -> None:
+    config = tiny_config("llama", hidden_size=64, intermediate_size=128)
+    model = tiny_model(config, seed=2)
+    tokens = list(range(20, 60))
+    ranges = channel_ranges(model, lambda: model.compute_logits(model.prefill(tokens)))
+    assert len(ranges) == 2 * 4 + 1
+    assert ranges["layers.0.attn.qkv"].shape == (64,)
+    assert ranges["layers.1.mlp.down"].shape == (128,)
+    assert (ranges["lm_head"] > 0).all()
+    # The hooks are gone: a second forward leaves the dict alone.
+    model.prefill(tokens)
+    assert quantize_linears(model, "int8", ranges=ranges) == 2 * 4 + 1
+    assert model.layers[0].attn.qkv.outliers is not None
 
 
 def test_quantized_model_logits_stay_close() -> None:

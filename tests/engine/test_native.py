@@ -100,3 +100,44 @@ def test_disabled_or_unbuildable_kernels_fall_back(
         assert "no C++ compiler found" in caplog.text
     finally:
         native.library.cache_clear()
+
+
+def _without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "library", lambda: None)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("with_outliers", [False, True])
+def test_int8_passes_equal_the_pytorch_path(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, with_outliers: bool
+) -> None:
+    g = torch.Generator().manual_seed(3)
+    rows, cols, out_features = 37, 300, 70  # neither a multiple of the kernels' tiles
+    x = (torch.randn(rows, cols, generator=g) * 3).to(dtype)
+    x[5] = 0  # an all-zero row: scale 0, no division by zero
+    x[:, 17] *= 40  # a massive channel
+    weight = torch.randn(out_features, cols, generator=g)
+    outliers = native.OutlierChannels.of(weight, torch.tensor([17, 250])) if with_outliers else None
+    acc = torch.randint(-(2**20), 2**20, (rows, out_features), dtype=torch.int32, generator=g)
+    col_scales = torch.rand(out_features, generator=g) / 100
+    bias = torch.randn(out_features, generator=g).to(dtype)
+
+    q, scales, values = native.quantize_rows(x, outliers)
+    y = native.dequantize(acc, scales, col_scales, bias, dtype, outliers, values)
+    _without_kernels(monkeypatch)
+    q_ref, scales_ref, values_ref = native.quantize_rows(x, outliers)
+    y_ref = native.dequantize(acc, scales_ref, col_scales, bias, dtype, outliers, values_ref)
+
+    assert q.dtype == torch.int8 and scales.dtype == torch.float32
+    assert (q.int() - q_ref.int()).abs().max() <= 1  # x * (127 / amax): last-ulp rounding ties
+    torch.testing.assert_close(scales, scales_ref)
+    assert scales[5] == 0 and (q[5] == 0).all()
+    if with_outliers:
+        assert values is not None and values_ref is not None
+        torch.testing.assert_close(values, values_ref)
+        assert (q[:, [17, 250]] == 0).all()
+        assert scales.max() < x.float().abs().amax() / 127 / 4  # channel 17 no longer sets it
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=tolerance, rtol=tolerance)
+    assert y.dtype == dtype and y.shape == (rows, out_features)

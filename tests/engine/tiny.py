@@ -204,24 +204,8 @@ def reference_greedy(
 
 def full_logits(model: LlamaForCausalLM, tokens: list[int]) -> torch.Tensor:
     """Logits for every position of `tokens` through one contiguous prefill."""
-    from talkloop.engine.attention import AttentionMetadata, KVCache, PrefillChunk
-
-    c = model.config
-    n = len(tokens)
-    cache = KVCache(
-        c.num_layers, n, 1, c.num_kv_heads, c.head_dim, next(model.parameters()).dtype, "cpu"
-    )
-    ids = torch.tensor(tokens)
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(n),
-        prefills=(PrefillChunk(0, n, n, torch.arange(n)),),
-        num_prefill_tokens=n,
-        decode_block_tables=torch.zeros(0, 0, dtype=torch.int64),
-        decode_context_lens=torch.zeros(0, dtype=torch.int64),
-        decode_bias=None,
-    )
     with torch.inference_mode():
-        return model.compute_logits(model(ids, torch.arange(n), cache, meta))
+        return model.compute_logits(model.prefill(tokens))
 
 
 def greedy(max_tokens: int = 16, **kw: Any) -> SamplingParams:

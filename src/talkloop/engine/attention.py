@@ -129,12 +129,13 @@ def _prefill_attention(
     length = chunk.context_len
     keys = _gather(key_cache, chunk.block_table).view(key_cache.shape[0], -1, head_dim)[:, :length]
     values = _gather(value_cache, chunk.block_table).view(keys.shape[0], -1, head_dim)[:, :length]
-    # NOTE: SDPA's GQA mode falls back to the slow math kernel on CPU; repeating the KV heads
-    # keeps the fused (flash) kernel, about 4x faster for a 512-token prefill.
-    group = q.shape[1] // keys.shape[0]
-    keys = keys.repeat_interleave(group, dim=0).unsqueeze(0)  # [1, H, L, D]
-    values = values.repeat_interleave(group, dim=0).unsqueeze(0)
-    query = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+    # On the CPU, SDPA in float32: torch's CPU flash kernel runs 1.7x faster in float32 than
+    # in bf16 (8.5 vs 14.6 ms for a 1,024-token causal prefill of 9 heads, measured here), far
+    # more than the casts cost. Its GQA mode keeps the flash kernel (torch >= 2.13): no repeat.
+    compute = torch.float32 if q.device.type == "cpu" else q.dtype
+    query = q.transpose(0, 1).unsqueeze(0).to(compute)  # [1, H, n, D]
+    keys = keys.unsqueeze(0).to(compute)  # [1, Hkv, L, D]
+    values = values.unsqueeze(0).to(compute)
     num_cached = chunk.context_len - chunk.num_tokens
     mask = None
     if num_cached:
@@ -142,8 +143,14 @@ def _prefill_attention(
         rows = torch.arange(chunk.num_tokens, device=q.device).unsqueeze(1) + num_cached
         mask = torch.arange(chunk.context_len, device=q.device).unsqueeze(0) <= rows
     out = F.scaled_dot_product_attention(
-        query, keys, values, attn_mask=mask, is_causal=mask is None, scale=scale
-    )
+        query,
+        keys,
+        values,
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=scale,
+        enable_gqa=query.shape[1] != keys.shape[1],
+    ).to(q.dtype)
     return out[0].transpose(0, 1)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,7 @@ from talkloop.engine.config import EngineConfig, SpeculativeConfig
 from talkloop.engine.detokenizer import IncrementalDetokenizer
 from talkloop.engine.draft_model import DraftModelProposer
 from talkloop.engine.llm_engine import LLMEngine
-from talkloop.engine.models.linear import quantize_linears
+from talkloop.engine.models.linear import channel_ranges, quantize_linears
 from talkloop.engine.models.llama import LlamaForCausalLM
 from talkloop.engine.output_processor import Detokenizer
 from talkloop.engine.sampling_params import SamplingParams
@@ -57,12 +58,28 @@ def load_model(config: EngineConfig) -> LoadedModel:
     model = LlamaForCausalLM(checkpoint.config, dtype=DTYPES[config.dtype], device=config.device)
     model.load_weights(checkpoint.tensors)
     del checkpoint
-    quantize_linears(model, config.quantization)
+    ranges = calibrate(model, tokenizer) if config.quantization != "none" else None
+    quantize_linears(model, config.quantization, ranges=ranges)
     model.to(config.device).eval()
     release_free_memory()
     seconds = time.perf_counter() - start
     logger.info("loaded %s in %.2f s", path, seconds)
     return LoadedModel(model, tokenizer, ChatTemplate.for_tokenizer(tokenizer), path, seconds)
+
+
+CALIBRATION_TOKENS = 512
+
+
+def calibrate(model: LlamaForCausalLM, tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
+    """Each linear's input range per channel over the calibration text (chat, prose, notes,
+    JSON, code), with the dense weights: picks the W8A8 path's outlier channels."""
+    text = files("talkloop.engine").joinpath("data/calibration.txt").read_text("utf-8")
+    ids = tokenizer.encode(text, add_special_tokens=False)[:CALIBRATION_TOKENS]
+
+    def run() -> None:
+        model.compute_logits(model.prefill(ids)[-16:])  # a few rows reach the lm_head
+
+    return channel_ranges(model, run)
 
 
 def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> LLMEngine:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from talkloop.engine.attention import AttentionMetadata, KVCache, paged_attention
+from talkloop.engine.attention import AttentionMetadata, KVCache, PrefillChunk, paged_attention
 from talkloop.engine.config import ModelConfig
 from talkloop.engine.errors import ModelLoadError
 from talkloop.engine.models.linear import Linear
@@ -132,6 +132,26 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, (kv_cache.keys[i], kv_cache.values[i]), meta)
         return self.norm(x)
+
+    def prefill(self, token_ids: list[int]) -> torch.Tensor:
+        """Hidden states [T, D] of one sequence in a single prefill, through a scratch cache of
+        its own (no engine): calibration at load, and tests."""
+        c = self.config
+        n = len(token_ids)
+        dtype = self.embed_tokens.dtype
+        device = self.embed_tokens.device
+        cache = KVCache(c.num_layers, n, 1, c.num_kv_heads, c.head_dim, dtype, device)
+        positions = torch.arange(n, device=device)
+        meta = AttentionMetadata(
+            slot_mapping=positions,
+            prefills=(PrefillChunk(0, n, n, positions),),
+            num_prefill_tokens=n,
+            decode_block_tables=torch.zeros(0, 0, dtype=torch.int64),
+            decode_context_lens=torch.zeros(0, dtype=torch.int64),
+            decode_bias=None,
+        )
+        with torch.inference_mode():
+            return self(torch.tensor(token_ids, device=device), positions, cache, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, D] -> float32 logits [N, V]."""

@@ -1,11 +1,12 @@
 """Native CPU kernels, built on first use with the machine's C++ compiler, with a fallback.
 
-`paged_attention.cpp` is compiled against the installed torch (ATen's `parallel_for` runs on
+`paged_attention.cpp` (decode attention on the paged cache) and `int8_linear.cpp` (the passes
+around an int8 GEMM) are compiled against the installed torch (ATen's `parallel_for` runs on
 torch's own OpenMP runtime: torch ships `libgomp.so.1`, which the loader shares) into a
 shared library cached under `$TALKLOOP_CACHE_DIR` (default `~/.cache/talkloop/kernels`), keyed
 by the source, torch's version, the compiler, its flags and the CPU, and called through
 ctypes (which releases the GIL). Without a compiler, or with `TALKLOOP_NATIVE_KERNELS=0`, the
-engine uses its PyTorch path: same results, slower batched decoding.
+engine uses its PyTorch path: same results, slower batched decoding and prefill.
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_attention.cpp")
-ABI_VERSION = 2
+SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("paged_attention.cpp", "int8_linear.cpp")
+)
+ABI_VERSION = 3
 BUILD_TIMEOUT_S = 300
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 ENABLE_ENV = "TALKLOOP_NATIVE_KERNELS"
@@ -70,7 +74,7 @@ def _build(compiler: str, target: Path) -> None:
         compiler,
         *FLAGS,
         f"-I{torch_dir / 'include'}",
-        str(SOURCE),
+        *(str(source) for source in SOURCES),
         f"-L{torch_dir / 'lib'}",
         "-ltorch_cpu",
         "-lc10",
@@ -104,6 +108,15 @@ def _declare(lib: ctypes.CDLL) -> None:
         function = getattr(lib, name)
         function.argtypes = [*pointers, *sizes, ctypes.c_float]
         function.restype = None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    for name in ("talkloop_quantize_rows_f32", "talkloop_quantize_rows_bf16"):
+        function = getattr(lib, name)
+        function.argtypes = [pointer, size, size, pointer, pointer, size, pointer, pointer, pointer]
+        function.restype = None
+    for name in ("talkloop_dequantize_f32", "talkloop_dequantize_bf16"):
+        function = getattr(lib, name)
+        function.argtypes = [pointer, size, size, *[pointer] * 5, size, pointer]
+        function.restype = None
     lib.talkloop_abi_version.restype = ctypes.c_int
     lib.talkloop_max_head_dim.restype = ctypes.c_int64
 
@@ -118,7 +131,7 @@ def library() -> ctypes.CDLL | None:
         key = hashlib.sha256(
             b"\0".join(
                 [
-                    SOURCE.read_bytes(),
+                    *(source.read_bytes() for source in SOURCES),
                     torch.__version__.encode(),
                     compiler.encode(),
                     " ".join(FLAGS).encode(),
@@ -216,3 +229,98 @@ def _call(
         tables.shape[1],
         scale,
     )
+
+
+@dataclass(frozen=True)
+class OutlierChannels:
+    """Input channels a W8A8 layer keeps in float32: their indices, a 0/1 keep mask over all
+    channels, and the matching weight columns, transposed: [len(indices), out_features]."""
+
+    indices: torch.Tensor  # int64 [k]
+    keep: torch.Tensor  # uint8 [in_features]
+    weight: torch.Tensor  # float32 [k, out_features]
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, indices: torch.Tensor) -> OutlierChannels:
+        indices = indices.to(torch.int64).sort().values.contiguous()
+        keep = torch.ones(weight.shape[1], dtype=torch.uint8)
+        keep[indices] = 0
+        return cls(indices, keep, weight.float()[:, indices].t().contiguous())
+
+
+def quantize_rows(
+    x: torch.Tensor, outliers: OutlierChannels | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Symmetric per-row int8 quantization of a [rows, cols] float32/bf16 CPU tensor:
+    (q int8, scales float32 [rows], outlier values float32 [rows, k] or None), with
+    x ~= q * scales[:, None] (round half to even) on every column but the outliers', which
+    are 0 in q and excluded from the scales."""
+    lib = library()
+    if lib is None or x.dtype not in _DTYPES or x.device.type != "cpu":
+        xf = x.float()
+        kept = xf if outliers is None else xf * outliers.keep
+        amax = kept.abs().amax(dim=-1)
+        inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+        q = (kept * inv[:, None]).clamp_(-127, 127).round_().to(torch.int8)
+        values = xf[:, outliers.indices] if outliers is not None else None
+        return q, amax / 127.0, values
+    x = x.contiguous()
+    rows, cols = x.shape
+    q = torch.empty((rows, cols), dtype=torch.int8)
+    scales = torch.empty(rows, dtype=torch.float32)
+    count = 0 if outliers is None else len(outliers.indices)
+    values = torch.empty((rows, count), dtype=torch.float32) if outliers is not None else None
+    getattr(lib, f"talkloop_quantize_rows_{_DTYPES[x.dtype]}")(
+        x.data_ptr(),
+        rows,
+        cols,
+        outliers.keep.data_ptr() if outliers is not None else None,
+        outliers.indices.data_ptr() if outliers is not None else None,
+        count,
+        values.data_ptr() if values is not None else None,
+        q.data_ptr(),
+        scales.data_ptr(),
+    )
+    return q, scales, values
+
+
+def dequantize(
+    acc: torch.Tensor,
+    row_scales: torch.Tensor,
+    col_scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    outliers: OutlierChannels | None = None,
+    outlier_values: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """int32 [rows, cols] accumulators * row_scales[:, None] * col_scales[None, :]
+    + outlier_values @ outliers.weight (+ bias), as `dtype` (float32 or bf16)."""
+    lib = library()
+    if lib is None or dtype not in _DTYPES or acc.device.type != "cpu":
+        y = acc.float() * row_scales[:, None] * col_scales[None, :]
+        if outliers is not None and outlier_values is not None:
+            y += outlier_values @ outliers.weight
+        if bias is not None:
+            y += bias.float()
+        return y.to(dtype)
+    # Keep every converted tensor referenced until the call returns (its memory is passed).
+    acc = acc.contiguous()
+    row_scales = row_scales.float().contiguous()
+    col_scales = col_scales.float().contiguous()
+    bias = bias.to(dtype).contiguous() if bias is not None else None
+    rows, cols = acc.shape
+    out = torch.empty((rows, cols), dtype=dtype)
+    has_outliers = outliers is not None and outlier_values is not None
+    getattr(lib, f"talkloop_dequantize_{_DTYPES[dtype]}")(
+        acc.data_ptr(),
+        rows,
+        cols,
+        row_scales.data_ptr(),
+        col_scales.data_ptr(),
+        bias.data_ptr() if bias is not None else None,
+        outlier_values.data_ptr() if has_outliers else None,  # type: ignore[union-attr]
+        outliers.weight.data_ptr() if has_outliers else None,  # type: ignore[union-attr]
+        len(outliers.indices) if has_outliers else 0,  # type: ignore[union-attr]
+        out.data_ptr(),
+    )
+    return out

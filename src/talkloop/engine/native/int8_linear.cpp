@@ -1,0 +1,217 @@
+// The two passes around an int8 x int8 GEMM (W8A8 linears for prefill and batched decode).
+//
+// torch._int_mm multiplies int8 matrices on oneDNN's VNNI kernels, several times faster than
+// a bf16 GEMM on CPUs without AMX, but leaves the quantization of the activations and the
+// scaling of the int32 result to the caller; in PyTorch ops those take five passes over the
+// data and cost more than the GEMM. Here each is one pass: activations are quantized per row
+// (symmetric, scale = max |x| / 127), and the int32 accumulators are scaled by their row's and
+// column's scales, with an optional bias, straight into the output dtype.
+//
+// Outlier channels: a few input channels of some layers carry values tens of times larger
+// than the rest (massive activations), and one shared row scale would then leave the other
+// channels a handful of int8 levels. The layer names those channels (found once at load on a
+// calibration text); they are zeroed in the int8 copy, kept in float32, and their product with
+// the matching weight columns is added in the scaling pass (LLM.int8()'s decomposition, with
+// a static channel set so that a row's result never depends on the rest of the batch).
+//
+// Layouts (contiguous): x [rows, cols] float32 or bfloat16; q int8 [rows, cols]; scales
+// float32; acc int32 [rows, cols]; bias and out in out's dtype.
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define TALKLOOP_INT8_AVX512 1
+#endif
+
+namespace {
+
+inline float load(float x) { return x; }
+inline float load(uint16_t x) { return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16); }
+inline void store(float x, float* out) { *out = x; }
+inline void store(float x, uint16_t* out) {  // round to nearest even; finite inputs only
+  const uint32_t bits = __builtin_bit_cast(uint32_t, x);
+  *out = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+#ifdef TALKLOOP_INT8_AVX512
+// 16 lanes at a time; `m` masks the row's tail.
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(left, 0)) - 1);
+}
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(uint16_t* p, __m512 v, __mmask16 m) {  // round to nearest even
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+
+template <typename T>
+float row_amax(const T* row, int64_t cols, const uint8_t* keep) {
+  __m512 best = _mm512_setzero_ps();
+  for (int64_t c = 0; c < cols; c += 16) {
+    const __mmask16 m = tail_mask(cols - c);
+    __m512 v = _mm512_abs_ps(load16(row + c, m));
+    if (keep != nullptr) {
+      const __m128i k = _mm_maskz_loadu_epi8(m, keep + c);
+      v = _mm512_maskz_mov_ps(_mm_test_epi8_mask(k, k), v);
+    }
+    best = _mm512_max_ps(best, v);
+  }
+  return _mm512_reduce_max_ps(best);
+}
+
+template <typename T>
+void quantize_row(const T* row, int64_t cols, float inv, int8_t* out) {
+  const __m512 scale = _mm512_set1_ps(inv), low = _mm512_set1_ps(-127.f);
+  const __m512 high = _mm512_set1_ps(127.f);
+  for (int64_t c = 0; c < cols; c += 16) {
+    const __mmask16 m = tail_mask(cols - c);
+    const __m512 v = _mm512_min_ps(high, _mm512_max_ps(low, _mm512_mul_ps(load16(row + c, m), scale)));
+    // cvtps rounds to nearest even (the default MXCSR mode), as torch.round does.
+    _mm_mask_storeu_epi8(out + c, m, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+}
+
+// One row of the scaling pass, 64 columns (4 registers) at a time so that the outlier terms
+// accumulate in registers: out = acc * (row_scale * col_scale) + x_out . w_out + bias.
+template <typename OutT>
+void dequantize_row(const int32_t* in, int64_t cols, float row_scale, const float* col_scales,
+                    const OutT* bias, const float* outlier_x, const float* outlier_w,
+                    int64_t num_outliers, OutT* dst) {
+  const __m512 rs = _mm512_set1_ps(row_scale);
+  for (int64_t c0 = 0; c0 < cols; c0 += 64) {
+    __m512 sum[4];
+    __mmask16 m[4];
+    for (int u = 0; u < 4; ++u) {
+      const int64_t c = c0 + 16 * u;
+      m[u] = tail_mask(cols - c);
+      const __m512 scale = _mm512_mul_ps(rs, _mm512_maskz_loadu_ps(m[u], col_scales + c));
+      sum[u] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m[u], in + c)), scale);
+    }
+    for (int64_t j = 0; j < num_outliers; ++j) {
+      const __m512 x = _mm512_set1_ps(outlier_x[j]);
+      const float* w = outlier_w + j * cols + c0;
+      for (int u = 0; u < 4; ++u)
+        sum[u] = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(m[u], w + 16 * u), sum[u]);
+    }
+    for (int u = 0; u < 4; ++u) {
+      const int64_t c = c0 + 16 * u;
+      if (bias != nullptr) sum[u] = _mm512_add_ps(sum[u], load16(bias + c, m[u]));
+      store16(dst + c, sum[u], m[u]);
+    }
+  }
+}
+#endif  // TALKLOOP_INT8_AVX512
+
+// Rows per task: enough elements that a thread's share outweighs the cost of waking it.
+inline int64_t grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
+
+// Quantizes each row's kept columns (keep[c] != 0, or all when keep is null); the others are
+// written as 0 and copied, as float, to outliers [rows, num_outliers] (columns outlier_idx).
+template <typename T>
+void quantize_rows(const T* x, int64_t rows, int64_t cols, const uint8_t* keep,
+                   const int64_t* outlier_idx, int64_t num_outliers, float* outliers, int8_t* q,
+                   float* scales) {
+  at::parallel_for(0, rows, grain(cols), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = x + r * cols;
+      int8_t* out = q + r * cols;
+#ifdef TALKLOOP_INT8_AVX512
+      const float amax = row_amax(row, cols, keep);
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      quantize_row(row, cols, inv, out);
+#else
+      float amax = 0.f;
+      if (keep == nullptr) {
+        for (int64_t c = 0; c < cols; ++c) amax = std::max(amax, std::fabs(load(row[c])));
+      } else {
+        for (int64_t c = 0; c < cols; ++c)
+          amax = std::max(amax, keep[c] ? std::fabs(load(row[c])) : 0.f);
+      }
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      for (int64_t c = 0; c < cols; ++c) {
+        // |x * inv| <= 127 (up to rounding): the clamp only guards the last ulp.
+        const float v = std::min(127.f, std::max(-127.f, load(row[c]) * inv));
+        out[c] = static_cast<int8_t>(__builtin_roundevenf(v));
+      }
+#endif
+      scales[r] = amax / 127.f;
+      for (int64_t j = 0; j < num_outliers; ++j) {
+        outliers[r * num_outliers + j] = load(row[outlier_idx[j]]);
+        out[outlier_idx[j]] = 0;
+      }
+    }
+  });
+}
+
+// out = acc * row_scales[r] * col_scales[c] + outlier_x[r] . outlier_w[:, c] + bias[c]
+template <typename OutT>
+void dequantize(const int32_t* acc, int64_t rows, int64_t cols, const float* row_scales,
+                const float* col_scales, const OutT* bias, const float* outlier_x,
+                const float* outlier_w, int64_t num_outliers, OutT* out) {
+  constexpr int64_t kTile = 256;  // columns per pass: the partial sums stay in L1
+  at::parallel_for(0, rows, grain(cols), [&](int64_t begin, int64_t end) {
+#ifdef TALKLOOP_INT8_AVX512
+    for (int64_t r = begin; r < end; ++r)
+      dequantize_row(acc + r * cols, cols, row_scales[r], col_scales, bias,
+                     outlier_x + r * num_outliers, outlier_w, num_outliers, out + r * cols);
+#else
+    float buf[kTile];
+    for (int64_t r = begin; r < end; ++r) {
+      const int32_t* in = acc + r * cols;
+      OutT* dst = out + r * cols;
+      const float row_scale = row_scales[r];
+      for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+        const int64_t n = std::min(kTile, cols - c0);
+        for (int64_t c = 0; c < n; ++c)
+          buf[c] = static_cast<float>(in[c0 + c]) * row_scale * col_scales[c0 + c];
+        for (int64_t j = 0; j < num_outliers; ++j) {
+          const float xv = outlier_x[r * num_outliers + j];
+          const float* w = outlier_w + j * cols + c0;
+          for (int64_t c = 0; c < n; ++c) buf[c] += xv * w[c];
+        }
+        if (bias != nullptr)
+          for (int64_t c = 0; c < n; ++c) buf[c] += load(bias[c0 + c]);
+        for (int64_t c = 0; c < n; ++c) store(buf[c], dst + c0 + c);
+      }
+    }
+#endif
+  });
+}
+
+}  // namespace
+
+extern "C" {
+
+#define TALKLOOP_QUANTIZE(NAME, T)                                                            \
+  void NAME(const T* x, int64_t rows, int64_t cols, const uint8_t* keep,                      \
+            const int64_t* outlier_idx, int64_t num_outliers, float* outliers, int8_t* q,     \
+            float* scales) {                                                                  \
+    quantize_rows(x, rows, cols, keep, outlier_idx, num_outliers, outliers, q, scales);       \
+  }
+#define TALKLOOP_DEQUANTIZE(NAME, OutT)                                                       \
+  void NAME(const int32_t* acc, int64_t rows, int64_t cols, const float* row_scales,          \
+            const float* col_scales, const OutT* bias, const float* outlier_x,                \
+            const float* outlier_w, int64_t num_outliers, OutT* out) {                        \
+    dequantize(acc, rows, cols, row_scales, col_scales, bias, outlier_x, outlier_w,           \
+               num_outliers, out);                                                            \
+  }
+
+TALKLOOP_QUANTIZE(talkloop_quantize_rows_f32, float)
+TALKLOOP_QUANTIZE(talkloop_quantize_rows_bf16, uint16_t)
+TALKLOOP_DEQUANTIZE(talkloop_dequantize_f32, float)
+TALKLOOP_DEQUANTIZE(talkloop_dequantize_bf16, uint16_t)
+
+}  // extern "C"
