@@ -7,6 +7,7 @@ Closing or cancelling a request's stream aborts it and frees its cache blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
@@ -33,6 +34,13 @@ class _Stream:
 
     def put(self, item: RequestOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+def _deliver(
+    items: list[tuple[asyncio.Queue[RequestOutput | BaseException], RequestOutput]],
+) -> None:
+    for queue_, output in items:
+        queue_.put_nowait(output)
 
 
 class AsyncEngine:
@@ -188,10 +196,17 @@ class AsyncEngine:
             self._streams.clear()
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their streams: one wake-up per event loop, not per request
+        (each `call_soon_threadsafe` writes to the loop's self-pipe)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], RequestOutput]]]
+        by_loop = {}
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue
-            stream.put(output)
+            by_loop.setdefault(stream.loop, []).append((stream.queue, output))
             if output.finished:
                 del self._streams[output.request_id]
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody reads those streams
+                loop.call_soon_threadsafe(_deliver, items)
