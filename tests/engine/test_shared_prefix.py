@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from talkloop.engine.attention import AttentionMetadata, KVCache, SharedPrefix, paged_attention
-from talkloop.engine.shared_prefix import SharedGroup, shared_prefix_groups
+from talkloop.engine.shared_prefix import MIN_NATIVE_MEMBERS, SharedGroup, shared_prefix_groups
 from tests.engine.tiny import (
     assert_no_leaked_blocks,
     greedy,
@@ -51,6 +51,16 @@ def test_split_only_when_deeper_groups_save_more_reads() -> None:
     ]
     assert shared_prefix_groups([[1, 2, 3, 9], [1, 2, 3, 8]], [3, 3], min_blocks=4) == []
     assert shared_prefix_groups([[1, 2, 3, 4, 5]], [4]) == []
+
+
+def test_groups_below_min_members_are_not_formed() -> None:
+    persona = [10, 11, 12, 13, 14]
+    tables = [[*persona, 20 + i] for i in range(4)] + [[10, 11, 90, 91, 92, 93]]
+    shareable = [len(t) - 1 for t in tables]
+    expected = [SharedGroup((0, 1, 2, 3), 5)]  # the fifth shares 2 blocks: below min_blocks
+    assert shared_prefix_groups(tables, shareable) == expected
+    assert shared_prefix_groups(tables, shareable, min_members=4) == expected
+    assert shared_prefix_groups(tables, shareable, min_members=5) == []
 
 
 def _decode_meta(tables: list[list[int]], lens: list[int], block_size: int, shared=()):
@@ -101,7 +111,8 @@ def test_users_on_one_persona_decode_exactly_with_the_shared_path() -> None:
 
     runner._decode_metadata = recording
     persona = list(range(40, 72))  # 8 full blocks
-    prompts = [[*persona, 100 + i, 5, 6 + i] for i in range(5)]
+    # Enough users for a group with or without the native kernel (which wants >= 10).
+    prompts = [[*persona, 100 + i, 5, 6 + i] for i in range(MIN_NATIVE_MEMBERS + 2)]
     for i, prompt in enumerate(prompts):
         engine.add_request(f"u{i}", prompt, greedy(max_tokens=10, ignore_eos=True))
     tokens = run_to_completion(engine)

@@ -18,7 +18,7 @@ from talkloop.engine.models.llama import LlamaForCausalLM
 from talkloop.engine.sampler import SamplerOutput, SamplingBatch, sample
 from talkloop.engine.scheduler import SchedulerOutput
 from talkloop.engine.sequence import Sequence
-from talkloop.engine.shared_prefix import shared_prefix_groups
+from talkloop.engine.shared_prefix import MIN_NATIVE_MEMBERS, shared_prefix_groups
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,8 @@ class ModelRunner:
         shared: list[SharedPrefix] = []
         if len(decodes) > 1:
             shareable = [(n - 1) // block_size for n in context_lens]
-            for group in shared_prefix_groups(tables, shareable):
+            min_members = MIN_NATIVE_MEMBERS if self.native_decode else 2
+            for group in shared_prefix_groups(tables, shareable, min_members=min_members):
                 members = list(group.members)
                 for m in members:
                     skipped[m] = group.num_blocks
