@@ -141,3 +141,18 @@ def test_int8_passes_equal_the_pytorch_path(
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(y.float(), y_ref.float(), atol=tolerance, rtol=tolerance)
     assert y.dtype == dtype and y.shape == (rows, out_features)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_rms_norm_equals_the_pytorch_order_of_operations(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 7, 200, generator=g) * 3).to(dtype)  # any leading shape, odd width
+    weight = (torch.rand(200, generator=g) + 0.5).to(dtype)
+    expected = weight * torch.nn.functional.rms_norm(x.float(), (200,), eps=1e-5).to(dtype)
+    got = native.rms_norm(x, weight, 1e-5)
+    assert got is not None and got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got.float(), expected.float(), atol=1e-6, rtol=1e-6)
+    assert native.rms_norm(x.transpose(0, 1), weight, 1e-5) is None  # not contiguous: fallback
+    trained = weight.float().requires_grad_()
+    assert native.rms_norm(x.float(), trained, 1e-5) is None  # autograd: the PyTorch path

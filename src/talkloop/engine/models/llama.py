@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from talkloop.engine import native
 from talkloop.engine.attention import AttentionMetadata, KVCache, PrefillChunk, paged_attention
 from talkloop.engine.config import ModelConfig
 from talkloop.engine.errors import ModelLoadError
@@ -27,6 +28,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = native.rms_norm(x, self.weight, self.eps)  # one kernel instead of four to six
+        if fused is not None:
+            return fused
         # Normalise in float32, cast back, then scale (transformers' order of operations).
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)

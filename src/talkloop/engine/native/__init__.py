@@ -1,12 +1,13 @@
 """Native CPU kernels, built on first use with the machine's C++ compiler, with a fallback.
 
-`paged_attention.cpp` (decode attention on the paged cache) and `int8_linear.cpp` (the passes
-around an int8 GEMM) are compiled against the installed torch (ATen's `parallel_for` runs on
-torch's own OpenMP runtime: torch ships `libgomp.so.1`, which the loader shares) into a
-shared library cached under `$TALKLOOP_CACHE_DIR` (default `~/.cache/talkloop/kernels`), keyed
-by the source, torch's version, the compiler, its flags and the CPU, and called through
-ctypes (which releases the GIL). Without a compiler, or with `TALKLOOP_NATIVE_KERNELS=0`, the
-engine uses its PyTorch path: same results, slower batched decoding and prefill.
+`paged_attention.cpp` (decode attention on the paged cache), `int8_linear.cpp` (the passes
+around an int8 GEMM) and `rms_norm.cpp` are compiled against the installed torch (ATen's
+`parallel_for` runs on torch's own OpenMP runtime: torch ships `libgomp.so.1`, which the loader
+shares) into a shared library cached under `$TALKLOOP_CACHE_DIR` (default
+`~/.cache/talkloop/kernels`), keyed by the sources, torch's version, the compiler, its flags
+and the CPU, and called through ctypes (which releases the GIL). Without a compiler, or with
+`TALKLOOP_NATIVE_KERNELS=0`, the engine uses its PyTorch path: same results, slower decoding
+and prefill.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(
-    Path(__file__).with_name(name) for name in ("paged_attention.cpp", "int8_linear.cpp")
+    Path(__file__).with_name(name)
+    for name in ("paged_attention.cpp", "int8_linear.cpp", "rms_norm.cpp")
 )
 ABI_VERSION = 3
 BUILD_TIMEOUT_S = 300
@@ -116,6 +118,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name in ("talkloop_dequantize_f32", "talkloop_dequantize_bf16"):
         function = getattr(lib, name)
         function.argtypes = [pointer, size, size, *[pointer] * 5, size, pointer]
+        function.restype = None
+    for name in ("talkloop_rms_norm_f32", "talkloop_rms_norm_bf16"):
+        function = getattr(lib, name)
+        function.argtypes = [pointer, pointer, size, size, ctypes.c_float, pointer]
         function.restype = None
     lib.talkloop_abi_version.restype = ctypes.c_int
     lib.talkloop_max_head_dim.restype = ctypes.c_int64
@@ -322,5 +328,28 @@ def dequantize(
         outliers.weight.data_ptr() if has_outliers else None,  # type: ignore[union-attr]
         len(outliers.indices) if has_outliers else 0,  # type: ignore[union-attr]
         out.data_ptr(),
+    )
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm of a contiguous CPU [..., D] float32/bf16 tensor (weight of its dtype), or None
+    when the kernels cannot serve it (the caller's PyTorch path runs): also when autograd
+    must see it (draft training), since the kernel has no backward."""
+    lib = library()
+    if (
+        lib is None
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        or x.dtype not in _DTYPES
+        or weight.dtype != x.dtype
+        or x.device.type != "cpu"
+        or not x.is_contiguous()
+    ):
+        return None
+    cols = x.shape[-1]
+    out = torch.empty_like(x)
+    weight = weight.contiguous()
+    getattr(lib, f"talkloop_rms_norm_{_DTYPES[x.dtype]}")(
+        x.data_ptr(), weight.data_ptr(), x.numel() // cols, cols, eps, out.data_ptr()
     )
     return out

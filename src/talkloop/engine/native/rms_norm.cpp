@@ -1,0 +1,59 @@
+// RMSNorm in one pass per row, in transformers' order of operations: normalise in float32,
+// round to the activations' dtype, then scale by the weight (rounding again). In PyTorch ops
+// that is four to six kernels per call; a decode step calls it twice per layer on one row,
+// where each kernel's fixed cost is most of the time.
+//
+// Layouts (contiguous): x, out [rows, cols]; weight [cols]; dtype float32 or bfloat16.
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+inline float value(float x) { return x; }
+inline float value(uint16_t x) { return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16); }
+inline float round_to(float x, float) { return x; }
+inline float round_to(float x, uint16_t) {  // to bf16 and back, nearest even; finite inputs
+  const uint32_t bits = __builtin_bit_cast(uint32_t, x);
+  return __builtin_bit_cast(float, (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u);
+}
+inline void put(float x, float* out) { *out = x; }
+inline void put(float x, uint16_t* out) {
+  *out = static_cast<uint16_t>(__builtin_bit_cast(uint32_t, round_to(x, uint16_t{})) >> 16);
+}
+
+template <typename T>
+void rms_norm(const T* x, const T* weight, int64_t rows, int64_t cols, float eps, T* out) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = x + r * cols;
+      float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t c = 0; c < cols; ++c) squares += value(row[c]) * value(row[c]);
+      const float inv = 1.f / std::sqrt(squares / static_cast<float>(cols) + eps);
+      T* dst = out + r * cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c)
+        put(round_to(value(row[c]) * inv, T{}) * value(weight[c]), dst + c);
+    }
+  });
+}
+
+}  // namespace
+
+extern "C" {
+
+void talkloop_rms_norm_f32(const float* x, const float* weight, int64_t rows, int64_t cols,
+                           float eps, float* out) {
+  rms_norm(x, weight, rows, cols, eps, out);
+}
+void talkloop_rms_norm_bf16(const uint16_t* x, const uint16_t* weight, int64_t rows,
+                            int64_t cols, float eps, uint16_t* out) {
+  rms_norm(x, weight, rows, cols, eps, out);
+}
+
+}  // extern "C"
