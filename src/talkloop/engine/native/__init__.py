@@ -32,6 +32,7 @@ SOURCES = tuple(
     Path(__file__).with_name(name)
     for name in ("paged_attention.cpp", "int8_linear.cpp", "rms_norm.cpp")
 )
+HEADERS = (Path(__file__).with_name("scalar.h"),)  # part of the cache key, not compiled alone
 ABI_VERSION = 3
 BUILD_TIMEOUT_S = 300
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
@@ -137,7 +138,7 @@ def library() -> ctypes.CDLL | None:
         key = hashlib.sha256(
             b"\0".join(
                 [
-                    *(source.read_bytes() for source in SOURCES),
+                    *(source.read_bytes() for source in (*SOURCES, *HEADERS)),
                     torch.__version__.encode(),
                     compiler.encode(),
                     " ".join(FLAGS).encode(),

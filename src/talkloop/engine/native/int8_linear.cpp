@@ -19,6 +19,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "scalar.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -31,13 +33,8 @@
 
 namespace {
 
-inline float load(float x) { return x; }
-inline float load(uint16_t x) { return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16); }
-inline void store(float x, float* out) { *out = x; }
-inline void store(float x, uint16_t* out) {  // round to nearest even; finite inputs only
-  const uint32_t bits = __builtin_bit_cast(uint32_t, x);
-  *out = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
+using talkloop::from_float;
+using talkloop::to_float;
 
 #ifdef TALKLOOP_INT8_AVX512
 // 16 lanes at a time; `m` masks the row's tail.
@@ -135,21 +132,21 @@ void quantize_rows(const T* x, int64_t rows, int64_t cols, const uint8_t* keep,
 #else
       float amax = 0.f;
       if (keep == nullptr) {
-        for (int64_t c = 0; c < cols; ++c) amax = std::max(amax, std::fabs(load(row[c])));
+        for (int64_t c = 0; c < cols; ++c) amax = std::max(amax, std::fabs(to_float(row[c])));
       } else {
         for (int64_t c = 0; c < cols; ++c)
-          amax = std::max(amax, keep[c] ? std::fabs(load(row[c])) : 0.f);
+          amax = std::max(amax, keep[c] ? std::fabs(to_float(row[c])) : 0.f);
       }
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
       for (int64_t c = 0; c < cols; ++c) {
         // |x * inv| <= 127 (up to rounding): the clamp only guards the last ulp.
-        const float v = std::min(127.f, std::max(-127.f, load(row[c]) * inv));
+        const float v = std::min(127.f, std::max(-127.f, to_float(row[c]) * inv));
         out[c] = static_cast<int8_t>(__builtin_roundevenf(v));
       }
 #endif
       scales[r] = amax / 127.f;
       for (int64_t j = 0; j < num_outliers; ++j) {
-        outliers[r * num_outliers + j] = load(row[outlier_idx[j]]);
+        outliers[r * num_outliers + j] = to_float(row[outlier_idx[j]]);
         out[outlier_idx[j]] = 0;
       }
     }
@@ -183,8 +180,8 @@ void dequantize(const int32_t* acc, int64_t rows, int64_t cols, const float* row
           for (int64_t c = 0; c < n; ++c) buf[c] += xv * w[c];
         }
         if (bias != nullptr)
-          for (int64_t c = 0; c < n; ++c) buf[c] += load(bias[c0 + c]);
-        for (int64_t c = 0; c < n; ++c) store(buf[c], dst + c0 + c);
+          for (int64_t c = 0; c < n; ++c) buf[c] += to_float(bias[c0 + c]);
+        for (int64_t c = 0; c < n; ++c) from_float(buf[c], dst + c0 + c);
       }
     }
 #endif

@@ -12,6 +12,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "scalar.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,21 +22,8 @@
 
 namespace {
 
-inline float to_float(float x) { return x; }
-inline float to_float(uint16_t x) {
-  return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16);
-}
-inline void from_float(float x, float* out) { *out = x; }
-inline void from_float(float x, uint16_t* out) {  // round to nearest even, as torch does
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  if (std::isnan(x)) {
-    *out = 0x7FC0;
-    return;
-  }
-  bits += 0x7FFF + ((bits >> 16) & 1);
-  *out = static_cast<uint16_t>(bits >> 16);
-}
+using talkloop::from_float;
+using talkloop::to_float;
 
 // e^x for x <= 0 (scores less their maximum), ~2e-7 relative error, and vectorizable:
 // x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial, 2^n from bits.

@@ -7,23 +7,17 @@
 
 #include <ATen/Parallel.h>
 
+#include "scalar.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
 namespace {
 
-inline float value(float x) { return x; }
-inline float value(uint16_t x) { return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16); }
-inline float round_to(float x, float) { return x; }
-inline float round_to(float x, uint16_t) {  // to bf16 and back, nearest even; finite inputs
-  const uint32_t bits = __builtin_bit_cast(uint32_t, x);
-  return __builtin_bit_cast(float, (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u);
-}
-inline void put(float x, float* out) { *out = x; }
-inline void put(float x, uint16_t* out) {
-  *out = static_cast<uint16_t>(__builtin_bit_cast(uint32_t, round_to(x, uint16_t{})) >> 16);
-}
+using talkloop::as_stored;
+using talkloop::from_float;
+using talkloop::to_float;
 
 template <typename T>
 void rms_norm(const T* x, const T* weight, int64_t rows, int64_t cols, float eps, T* out) {
@@ -33,12 +27,12 @@ void rms_norm(const T* x, const T* weight, int64_t rows, int64_t cols, float eps
       const T* row = x + r * cols;
       float squares = 0.f;
 #pragma omp simd reduction(+ : squares)
-      for (int64_t c = 0; c < cols; ++c) squares += value(row[c]) * value(row[c]);
+      for (int64_t c = 0; c < cols; ++c) squares += to_float(row[c]) * to_float(row[c]);
       const float inv = 1.f / std::sqrt(squares / static_cast<float>(cols) + eps);
       T* dst = out + r * cols;
 #pragma omp simd
       for (int64_t c = 0; c < cols; ++c)
-        put(round_to(value(row[c]) * inv, T{}) * value(weight[c]), dst + c);
+        from_float(as_stored(to_float(row[c]) * inv, T{}) * to_float(weight[c]), dst + c);
     }
   });
 }
