@@ -1,7 +1,9 @@
 """Turns a `SchedulerOutput` into tensors, runs the model, and samples the next tokens.
 
 Owns the model and the KV cache pools. Flattened step layout: prefill chunks (one per
-sequence) first, then all single-token decodes as one padded batch.
+sequence) first, then all single-token decodes as one padded batch. A step of only a few
+decode and speculative rows (single-stream chat, verification) runs as one native call
+instead (`LlamaForCausalLM.decode_plan`): there, per-op dispatch costs more than the weights.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class ModelRunner:
         self.native_decode = native.decode_attention_supported(
             self.device, kv_cache.dtype, head_dim
         )
+        # Small steps of single-token decodes and speculative rows run as one native call.
+        self.decode_plan = model.decode_plan(kv_cache) if self.native_decode else None
 
     @torch.inference_mode()
     def run(self, output: SchedulerOutput) -> RunnerOutput:
@@ -102,9 +106,51 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, chunks: list[TokenChunk]) -> torch.Tensor:
         """Run `chunks` (writing their KV); logits [sum of num_logit_rows, V] in chunk order."""
+        if self._fits_decode_plan(chunks):
+            return self.model.compute_logits(self._decode_step(chunks))
         input_ids, positions, meta, rows = self.prepare(chunks)
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
         return self.model.compute_logits(hidden[rows])
+
+    def _fits_decode_plan(self, chunks: list[TokenChunk]) -> bool:
+        """Whether the native step serves `chunks`: single-token decodes and speculative
+        rows (prompt chunks keep the prefill path and its numerics), few enough rows."""
+        plan = self.decode_plan
+        if plan is None or not chunks:
+            return False
+        if any(len(c.token_ids) > 1 and not _drafting(c) for c in chunks):
+            return False
+        return sum(len(c.token_ids) for c in chunks) <= plan.max_rows
+
+    def _decode_step(self, chunks: list[TokenChunk]) -> torch.Tensor:
+        """Every token of `chunks` as its own row, attending to its sequence's cache up to and
+        including itself (all rows' keys are written first): hidden states of the logit rows."""
+        assert self.decode_plan is not None
+        block_size = self.block_manager.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        tables: list[list[int]] = []
+        logit_rows: list[int] = []
+        for chunk in chunks:
+            table = chunk.seq.block_ids[: -(-chunk.end // block_size)]
+            for position in range(chunk.start, chunk.end):
+                positions.append(position)
+                slots.append(self.block_manager.slot(chunk.seq, position))
+                tables.append(table)
+            token_ids.extend(chunk.token_ids)
+            logit_rows.extend(range(len(token_ids) - chunk.num_logit_rows, len(token_ids)))
+        width = max(len(t) for t in tables)
+        hidden = self.decode_plan.step(
+            self._tensor(token_ids),
+            self._tensor(positions),
+            self._tensor(slots),
+            self._tensor([b for t in tables for b in t + [0] * (width - len(t))]).view(-1, width),
+            self._tensor([p + 1 for p in positions]),
+        )
+        if len(logit_rows) == len(token_ids):
+            return hidden
+        return hidden[self._tensor(logit_rows)]
 
     def prepare(
         self, chunks: list[TokenChunk]

@@ -15,7 +15,7 @@ from talkloop.engine import native
 from talkloop.engine.attention import AttentionMetadata, KVCache, PrefillChunk, paged_attention
 from talkloop.engine.config import ModelConfig
 from talkloop.engine.errors import ModelLoadError
-from talkloop.engine.models.linear import Linear
+from talkloop.engine.models.linear import Linear, QuantizedLinear
 from talkloop.engine.models.moe import MoEFeedForward
 from talkloop.engine.models.rope import RotaryEmbedding, apply_rope
 from talkloop.engine.models.weight_map import load_into
@@ -157,6 +157,48 @@ class LlamaForCausalLM(nn.Module):
         with torch.inference_mode():
             return self(torch.tensor(token_ids, device=device), positions, cache, meta)
 
+    def decode_plan(self, kv_cache: KVCache) -> native.DecodePlan | None:
+        """The whole decode step as one native call over this model and `kv_cache`, for up to
+        as many rows as the quantized linears keep their weight-only kernels (where per-op
+        overhead, not arithmetic, bounds a step); None where it cannot serve: no native
+        kernels, not the CPU, an MoE feed-forward, or a dtype or linear it does not know."""
+        rows = _decode_plan_rows(self)
+        if (
+            rows is None
+            or native.library() is None
+            or self.embed_tokens.device.type != "cpu"
+            or kv_cache.dtype != self.embed_tokens.dtype
+        ):
+            return None
+        layers = []
+        for i, layer in enumerate(_decoder_layers(self)):
+            qkv, o_proj, gate_up, down = map(_linear_weights, _linears(layer))
+            layers.append(
+                native.DecoderWeights(
+                    input_norm=layer.input_norm.weight,
+                    post_attn_norm=layer.post_attn_norm.weight,
+                    qkv=qkv,
+                    o_proj=o_proj,
+                    gate_up=gate_up,
+                    down=down,
+                    key_cache=kv_cache.keys[i],
+                    value_cache=kv_cache.values[i],
+                )
+            )
+        c = self.config
+        return native.DecodePlan(
+            num_heads=c.num_heads,
+            num_kv_heads=c.num_kv_heads,
+            head_dim=c.head_dim,
+            eps=self.norm.eps,
+            embed=self.embed_tokens,
+            rope_cos=self.rope.cos,
+            rope_sin=self.rope.sin,
+            final_norm=self.norm.weight,
+            layers=layers,
+            max_rows=rows,
+        )
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, D] -> float32 logits [N, V]."""
         return self.lm_head(hidden).float()
@@ -167,3 +209,39 @@ class LlamaForCausalLM(nn.Module):
             load_into(self, tensors)
         except KeyError as exc:
             raise ModelLoadError(f"checkpoint is missing tensor {exc.args[0]!r}") from None
+
+
+NATIVE_STEP_MAX_ROWS = 8  # rows per native decode step with dense (unquantized) linears
+
+
+def _decode_plan_rows(model: LlamaForCausalLM) -> int | None:
+    """Rows a native decode step may take (None: the model has a part it cannot run)."""
+    if model.config.is_moe or model.embed_tokens.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    rows = NATIVE_STEP_MAX_ROWS
+    for layer in _decoder_layers(model):
+        for module in _linears(layer):
+            if isinstance(module, QuantizedLinear):
+                rows = min(rows, module.max_quant_rows or rows)
+            elif type(module) is not Linear:
+                return None
+    return rows
+
+
+def _decoder_layers(model: LlamaForCausalLM) -> list[DecoderLayer]:
+    return [layer for layer in model.layers if isinstance(layer, DecoderLayer)]
+
+
+def _linears(layer: DecoderLayer) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """qkv, o_proj, gate_up and down of a layer with a dense feed-forward."""
+    assert isinstance(layer.mlp, DenseFeedForward)
+    return layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down
+
+
+def _linear_weights(module: nn.Module) -> native.LinearWeights:
+    if isinstance(module, QuantizedLinear):
+        return native.LinearWeights(
+            module.bits, module.qweight, module.scales, module.bias, module.group_size
+        )
+    assert isinstance(module, Linear)
+    return native.LinearWeights(0, module.weight, bias=module.bias)

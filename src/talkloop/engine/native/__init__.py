@@ -1,7 +1,8 @@
 """Native CPU kernels, built on first use with the machine's C++ compiler, with a fallback.
 
 `paged_attention.cpp` (decode attention on the paged cache), `int8_linear.cpp` (the passes
-around an int8 GEMM) and `rms_norm.cpp` are compiled against the installed torch (ATen's
+around an int8 GEMM), `rms_norm.cpp` and `decode_step.cpp` (a whole decode step of a dense
+Llama-family model in one call) are compiled against the installed torch (ATen's
 `parallel_for` runs on torch's own OpenMP runtime: torch ships `libgomp.so.1`, which the loader
 shares) into a shared library cached under `$TALKLOOP_CACHE_DIR` (default
 `~/.cache/talkloop/kernels`), keyed by the sources, torch's version, the compiler, its flags
@@ -30,10 +31,10 @@ logger = logging.getLogger(__name__)
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("paged_attention.cpp", "int8_linear.cpp", "rms_norm.cpp")
+    for name in ("paged_attention.cpp", "int8_linear.cpp", "rms_norm.cpp", "decode_step.cpp")
 )
 HEADERS = (Path(__file__).with_name("scalar.h"),)  # part of the cache key, not compiled alone
-ABI_VERSION = 3
+ABI_VERSION = 4
 BUILD_TIMEOUT_S = 300
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 ENABLE_ENV = "TALKLOOP_NATIVE_KERNELS"
@@ -124,6 +125,14 @@ def _declare(lib: ctypes.CDLL) -> None:
         function = getattr(lib, name)
         function.argtypes = [pointer, pointer, size, size, ctypes.c_float, pointer]
         function.restype = None
+    floats = [ctypes.c_float] * 2
+    lib.talkloop_decode_plan_create.argtypes = [pointer] * 3 + floats + [pointer, size]
+    lib.talkloop_decode_plan_create.restype = ctypes.c_void_p
+    lib.talkloop_decode_plan_free.argtypes = [pointer]
+    lib.talkloop_decode_plan_free.restype = None
+    lib.talkloop_decode_step.argtypes = [pointer, pointer, pointer, size, *[pointer] * 3, size]
+    lib.talkloop_decode_step.argtypes += [pointer, pointer, size]
+    lib.talkloop_decode_step.restype = ctypes.c_int
     lib.talkloop_abi_version.restype = ctypes.c_int
     lib.talkloop_max_head_dim.restype = ctypes.c_int64
 
@@ -354,3 +363,152 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
         x.data_ptr(), weight.data_ptr(), x.numel() // cols, cols, eps, out.data_ptr()
     )
     return out
+
+
+# ---- whole decode steps (decode_step.cpp) ---------------------------------------------------
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}
+_ERROR_CAPACITY = 512
+
+
+@dataclass(frozen=True)
+class LinearWeights:
+    """One linear layer as the native step runs it: `kind` 0 (dense `weight`, computed with
+    `F.linear`), 8 (`_weight_int8pack_mm`) or 4 (`_weight_int4pack_mm_for_cpu`, `group_size`)
+    on its packed `weight` and `scales`; `bias` added in the activations' dtype."""
+
+    kind: int
+    weight: torch.Tensor
+    scales: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    group_size: int = 0
+
+
+@dataclass(frozen=True)
+class DecoderWeights:
+    """One Llama-family decoder layer (dense feed-forward) and its KV pools."""
+
+    input_norm: torch.Tensor
+    post_attn_norm: torch.Tensor
+    qkv: LinearWeights
+    o_proj: LinearWeights
+    gate_up: LinearWeights
+    down: LinearWeights
+    key_cache: torch.Tensor  # [Hkv, num_blocks, block_size, D]
+    value_cache: torch.Tensor
+
+
+class DecodePlan:
+    """A decode step of the whole model in one native call: embedding, every layer (the same
+    linear kernels as the modules, with RMSNorm, RoPE, the cache write, paged decode attention
+    and the elementwise ops done natively between them) and the final norm.
+
+    Rows are independent tokens (own position, slot, block table and context length): a batch
+    of single-token decodes, or a sequence's speculative rows. The plan keeps every tensor it
+    reads referenced; weights must not be replaced while it is in use (in-place updates are
+    seen)."""
+
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        eps: float,
+        embed: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        final_norm: torch.Tensor,
+        layers: list[DecoderWeights],
+        max_rows: int,
+    ) -> None:
+        lib = library()
+        if lib is None:
+            raise NativeBuildError("native kernels unavailable")
+        self._lib = lib
+        self.max_rows = max_rows
+        self.dtype = embed.dtype
+        self.hidden = embed.shape[1]
+        key_cache = layers[0].key_cache
+        self._keep: list[torch.Tensor] = []  # everything whose memory the plan points at
+        tensors = [final_norm, embed, rope_cos, rope_sin]
+        header = [self.hidden, num_heads, num_kv_heads, head_dim]
+        header += [layers[0].gate_up.weight.shape[0] // 2, _CODES[self.dtype], len(layers)]
+        header += [key_cache.shape[1], key_cache.shape[2]]
+        header += [word for t in tensors for word in self._describe(t)]
+        words: list[int] = []
+        caches: list[int] = []
+        for layer in layers:
+            words += self._describe(layer.input_norm) + self._describe(layer.post_attn_norm)
+            for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
+                words += [linear.kind, linear.group_size]
+                for t in (linear.weight, linear.scales, linear.bias):
+                    words += self._describe(t)
+            for cache in (layer.key_cache, layer.value_cache):
+                if not cache.is_contiguous() or cache.dtype != self.dtype:
+                    raise ValueError("KV pools must be contiguous, in the activations' dtype")
+                self._keep.append(cache)
+                caches.append(cache.data_ptr())
+        self._error = ctypes.create_string_buffer(_ERROR_CAPACITY)
+        handle = lib.talkloop_decode_plan_create(
+            (ctypes.c_int64 * len(header))(*header),
+            (ctypes.c_int64 * len(words))(*words),
+            (ctypes.c_void_p * len(caches))(*caches),
+            eps,
+            head_dim**-0.5,
+            self._error,
+            _ERROR_CAPACITY,
+        )
+        if not handle:
+            raise ValueError(f"native decode plan refused: {self._error.value.decode()}")
+        self._handle: ctypes.c_void_p | None = ctypes.c_void_p(handle)
+
+    def _describe(self, t: torch.Tensor | None) -> list[int]:
+        """The 6 words decode_step.cpp reads a tensor from (all zero for None)."""
+        if t is None:
+            return [0] * 6
+        if t.dtype not in _CODES or not 1 <= t.dim() <= 3 or t.device.type != "cpu":
+            raise ValueError(f"cannot pass a {t.dtype} tensor of shape {tuple(t.shape)}")
+        t = t.detach().contiguous()
+        self._keep.append(t)
+        return [t.data_ptr(), _CODES[t.dtype], t.dim(), *t.shape, *[0] * (3 - t.dim())]
+
+    def step(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+    ) -> torch.Tensor:
+        """int64 token_ids, positions, slots, context_lens [R] and block_tables [R, blocks]
+        -> hidden states [R, hidden] after the final norm (keys and values written)."""
+        rows = token_ids.shape[0]
+        if not 0 < rows <= self.max_rows:
+            raise ValueError(f"a native decode step takes 1..{self.max_rows} rows, got {rows}")
+        args = [t.contiguous() for t in (token_ids, positions, slots, block_tables, context_lens)]
+        if any(t.dtype != torch.int64 for t in args):
+            raise ValueError("token ids, positions, slots, tables and lengths must be int64")
+        token_ids, positions, slots, block_tables, context_lens = args
+        out = torch.empty((rows, self.hidden), dtype=self.dtype)
+        status = self._lib.talkloop_decode_step(
+            self._handle,
+            token_ids.data_ptr(),
+            positions.data_ptr(),
+            rows,
+            slots.data_ptr(),
+            block_tables.data_ptr(),
+            context_lens.data_ptr(),
+            block_tables.shape[1],
+            out.data_ptr(),
+            self._error,
+            _ERROR_CAPACITY,
+        )
+        if status != 0:
+            raise ValueError(f"native decode step failed: {self._error.value.decode()}")
+        return out
+
+    def __del__(self) -> None:
+        handle = getattr(self, "_handle", None)
+        if handle:
+            self._lib.talkloop_decode_plan_free(handle)
+            self._handle = None
