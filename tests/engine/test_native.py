@@ -156,3 +156,69 @@ def test_rms_norm_equals_the_pytorch_order_of_operations(dtype: torch.dtype) -> 
     assert native.rms_norm(x.transpose(0, 1), weight, 1e-5) is None  # not contiguous: fallback
     trained = weight.float().requires_grad_()
     assert native.rms_norm(x.float(), trained, 1e-5) is None  # autograd: the PyTorch path
+
+
+needs_int4 = pytest.mark.skipif(
+    not native.int4_supported(), reason="no AVX-512 VNNI: int4 layers use torch's kernel"
+)
+
+
+def _int4_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor):
+    """What the kernel computes: activations quantized per group of 32 to int8 (in float32,
+    round half to even, as the kernel rounds), times q * scale, plus min times each group's
+    sum (accumulated in float64)."""
+    rows, cols = x.shape
+    xg = x.float().view(rows, cols // 32, 32)
+    amax = xg.abs().amax(dim=-1, keepdim=True)
+    # NOTE: a true division (`127 / amax` would be a reciprocal times 127: other roundings).
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    xq = (xg * inv).clamp(-127, 127).round()
+    xd = (xq.double() * (amax / 127).double()).view(rows, cols)
+    xg = xg.double()
+    scaled = q.double() * scale.double().repeat_interleave(32, dim=1)
+    return xd @ scaled.t() + xg.sum(dim=-1) @ low.double().t()
+
+
+@needs_int4
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])  # 13: two calls of at most 8 rows
+def test_int4_kernel_equals_its_reference(dtype: torch.dtype, rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    out_features, cols = 48, 96
+    weight = torch.randn(out_features, cols, generator=g) * 0.1
+    weight[3, :32] = 0.25  # a constant group: scale 0, every value exact
+    q, scale, low = native.int4_quantize(weight)
+    assert q.max() <= 15 and scale.dtype == torch.float16 and low.dtype == torch.float16
+    dequantized = q.float() * scale.float().repeat_interleave(32, 1)
+    dequantized += low.float().repeat_interleave(32, 1)
+    assert (dequantized - weight).abs().max() <= scale.float().max() / 2 + 1e-3
+    assert (dequantized[3, :32] == 0.25).all()
+    x = (torch.randn(rows, cols, generator=g) * 2).to(dtype)
+    x[0, 32:64] = 0  # an all-zero group: scale 0, no division by zero
+    bias = torch.randn(out_features, generator=g).to(dtype)
+    packed = native.int4_pack(q, scale, low)
+    assert packed.shape == (out_features // 16, cols // 32, 320)
+    expected = _int4_reference(x.float(), q, scale, low)
+    got = native.int4_linear(x, packed)
+    assert got.dtype == dtype and got.shape == (rows, out_features)
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), expected, atol=tolerance, rtol=tolerance)
+    with_bias = native.int4_linear(x, packed, bias)  # rounded to dtype, then the bias added
+    torch.testing.assert_close(with_bias, (got + bias).to(dtype), atol=0, rtol=0)
+
+
+@needs_int4
+def test_int4_layers_read_a_q4_1_checkpoint_exactly() -> None:
+    """A weight that already is Q4_1 (q * scale + min, fp16 scale and min, each group
+    spanning 0..15) comes back unchanged."""
+    g = torch.Generator().manual_seed(9)
+    q = torch.randint(0, 16, (32, 64), generator=g)
+    q[:, ::32] = 0  # each group holds both 0 and 15
+    q[:, 1::32] = 15
+    scale = (torch.rand(32, 2, generator=g) / 50 + 1e-3).half()
+    low = (-torch.rand(32, 2, generator=g) / 10).half()
+    weight = q.float() * scale.float().repeat_interleave(32, 1)
+    weight += low.float().repeat_interleave(32, 1)
+    got_q, got_scale, got_low = native.int4_quantize(weight)
+    assert torch.equal(got_q, q.to(torch.uint8))
+    assert torch.equal(got_scale, scale) and torch.equal(got_low, low)

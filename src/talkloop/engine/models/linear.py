@@ -68,12 +68,17 @@ class QuantizedLinear(nn.Module):
         self.max_quant_rows = max_quant_rows
         self.int8_weight: torch.Tensor | None = None  # [N, K] int8, for W8A8
         self.int8_scales: torch.Tensor | None = None  # [N] float32
+        self.int4_packed: torch.Tensor | None = None  # int4_linear.cpp's form, for int4
         if bits == 8:
             self.qweight, self.scales = quantize_int8(weight)
             if max_quant_rows:
                 self.int8_weight, self.int8_scales = self.qweight, self.scales.float()
         elif bits == 4:
-            self.qweight, self.scales = quantize_int4(weight, group_size)
+            # The native kernel's packed form where it is built, else torch's.
+            if native.int4_supported() and group_size == native.INT4_GROUP:
+                self.int4_packed = native.int4_pack(*native.int4_quantize(weight))
+            else:
+                self.qweight, self.scales = quantize_int4(weight, group_size)
             if max_quant_rows:
                 self.int8_weight, scales = quantize_int8(weight)
                 self.int8_scales = scales.float()
@@ -88,6 +93,8 @@ class QuantizedLinear(nn.Module):
         rows = x.numel() // x.shape[-1]
         if self.int8_weight is not None and self.max_quant_rows and rows > self.max_quant_rows:
             return self._w8a8(x)
+        if self.int4_packed is not None:
+            return native.int4_linear(x, self.int4_packed, self.bias).to(self.out_dtype)
         x16 = x.to(torch.bfloat16)
         if self.bits == 8:
             y = torch._weight_int8pack_mm(x16, self.qweight, self.scales)

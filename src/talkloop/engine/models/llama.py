@@ -190,6 +190,7 @@ class LlamaForCausalLM(nn.Module):
             num_heads=c.num_heads,
             num_kv_heads=c.num_kv_heads,
             head_dim=c.head_dim,
+            intermediate_size=c.intermediate_size,
             eps=self.norm.eps,
             embed=self.embed_tokens,
             rope_cos=self.rope.cos,
@@ -239,6 +240,8 @@ def _linears(layer: DecoderLayer) -> tuple[nn.Module, nn.Module, nn.Module, nn.M
 
 
 def _linear_weights(module: nn.Module) -> native.LinearWeights:
+    if isinstance(module, QuantizedLinear) and module.int4_packed is not None:
+        return native.LinearWeights(5, module.int4_packed, bias=module.bias)
     if isinstance(module, QuantizedLinear):
         return native.LinearWeights(
             module.bits, module.qweight, module.scales, module.bias, module.group_size

@@ -1,7 +1,8 @@
 """Native CPU kernels, built on first use with the machine's C++ compiler, with a fallback.
 
 `paged_attention.cpp` (decode attention on the paged cache), `int8_linear.cpp` (the passes
-around an int8 GEMM), `rms_norm.cpp` and `decode_step.cpp` (a whole decode step of a dense
+around an int8 GEMM), `int4_linear.cpp` (an int4 x int8 VNNI kernel for a few rows),
+`rms_norm.cpp` and `decode_step.cpp` (a whole decode step of a dense
 Llama-family model in one call) are compiled against the installed torch (ATen's
 `parallel_for` runs on torch's own OpenMP runtime: torch ships `libgomp.so.1`, which the loader
 shares) into a shared library cached under `$TALKLOOP_CACHE_DIR` (default
@@ -31,10 +32,16 @@ logger = logging.getLogger(__name__)
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("paged_attention.cpp", "int8_linear.cpp", "rms_norm.cpp", "decode_step.cpp")
+    for name in (
+        "paged_attention.cpp",
+        "int8_linear.cpp",
+        "int4_linear.cpp",
+        "rms_norm.cpp",
+        "decode_step.cpp",
+    )
 )
 HEADERS = (Path(__file__).with_name("scalar.h"),)  # part of the cache key, not compiled alone
-ABI_VERSION = 4
+ABI_VERSION = 5
 BUILD_TIMEOUT_S = 300
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 ENABLE_ENV = "TALKLOOP_NATIVE_KERNELS"
@@ -125,6 +132,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         function = getattr(lib, name)
         function.argtypes = [pointer, pointer, size, size, ctypes.c_float, pointer]
         function.restype = None
+    for name in ("talkloop_int4_linear_f32", "talkloop_int4_linear_bf16"):
+        function = getattr(lib, name)
+        function.argtypes = [pointer, size, size, pointer, size, pointer, pointer]
+        function.restype = None
+    lib.talkloop_int4_supported.restype = ctypes.c_int
     floats = [ctypes.c_float] * 2
     lib.talkloop_decode_plan_create.argtypes = [pointer] * 3 + floats + [pointer, size]
     lib.talkloop_decode_plan_create.restype = ctypes.c_void_p
@@ -365,6 +377,72 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     return out
 
 
+# ---- int4 linears (int4_linear.cpp) ----------------------------------------------------------
+INT4_GROUP = 32  # input channels per scale and min
+INT4_TILE = 16  # output channels per packed tile
+INT4_MAX_ROWS = 8  # rows per kernel call
+
+
+def int4_supported() -> bool:
+    """Whether the native int4 kernel is built here (it needs AVX-512 VNNI)."""
+    lib = library()
+    return lib is not None and bool(lib.talkloop_int4_supported())
+
+
+def int4_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise asymmetric uint4 of a float [N, K] weight (GGUF Q4_1's form):
+    (q uint8 [N, K] in 0..15, scale and min fp16 [N, K / 32]), w ~= q * scale + min."""
+    out_features, in_features = weight.shape
+    groups = weight.float().view(out_features, in_features // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / 15.0).to(torch.float16)
+    low16 = low.to(torch.float16)
+    divisor = torch.where(scale > 0, scale.float(), torch.ones_like(low))
+    q = ((groups - low16.float()[..., None]) / divisor[..., None]).round_().clamp_(0, 15)
+    return q.to(torch.uint8).view(out_features, in_features), scale, low16
+
+
+def int4_pack(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """`int4_quantize`'s output in int4_linear.cpp's layout: uint8 [N / 16, K / 32, 320]."""
+    out_features, in_features = q.shape
+    tiles, groups = out_features // INT4_TILE, in_features // INT4_GROUP
+    # q[16 t + n][32 g + 8 c + 4 h + j] -> [t, g, c, n, j, h]; nibble h = 0 low, 1 high.
+    split = q.view(tiles, INT4_TILE, groups, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
+    weights = (split[..., 0] | (split[..., 1] << 4)).reshape(tiles, groups, 256)
+
+    def per_tile(values: torch.Tensor) -> torch.Tensor:  # fp16 [N, G] -> bytes [t, g, 32]
+        tiled = values.view(tiles, INT4_TILE, groups).permute(0, 2, 1).contiguous()
+        return tiled.view(torch.uint8).view(tiles, groups, 2 * INT4_TILE)
+
+    return torch.cat([weights, per_tile(scale), per_tile(low)], dim=-1).contiguous()
+
+
+def int4_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [..., K] (float32 or bf16, CPU) times the packed int4 weight [N, K], transposed
+    (+ bias): [..., N] in x's dtype. Activations are quantized per group of 32 to int8."""
+    lib = library()
+    assert lib is not None and int4_supported(), "check int4_supported() first"
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    out_features = packed.shape[0] * INT4_TILE
+    out = torch.empty((flat.shape[0], out_features), dtype=x.dtype)
+    bias = bias.to(x.dtype).contiguous() if bias is not None else None
+    function = getattr(lib, f"talkloop_int4_linear_{_DTYPES[x.dtype]}")
+    for start in range(0, flat.shape[0], INT4_MAX_ROWS):
+        rows = flat[start : start + INT4_MAX_ROWS]
+        function(
+            rows.data_ptr(),
+            rows.shape[0],
+            rows.shape[1],
+            packed.data_ptr(),
+            out_features,
+            bias.data_ptr() if bias is not None else None,
+            out[start : start + INT4_MAX_ROWS].data_ptr(),
+        )
+    return out.view(*x.shape[:-1], out_features)
+
+
 # ---- whole decode steps (decode_step.cpp) ---------------------------------------------------
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}
 _ERROR_CAPACITY = 512
@@ -373,8 +451,9 @@ _ERROR_CAPACITY = 512
 @dataclass(frozen=True)
 class LinearWeights:
     """One linear layer as the native step runs it: `kind` 0 (dense `weight`, computed with
-    `F.linear`), 8 (`_weight_int8pack_mm`) or 4 (`_weight_int4pack_mm_for_cpu`, `group_size`)
-    on its packed `weight` and `scales`; `bias` added in the activations' dtype."""
+    `F.linear`), 8 (`_weight_int8pack_mm`), 4 (`_weight_int4pack_mm_for_cpu`, `group_size`)
+    on its packed `weight` and `scales`, or 5 (`int4_linear` on its packed `weight`); `bias`
+    added in the activations' dtype."""
 
     kind: int
     weight: torch.Tensor
@@ -413,6 +492,7 @@ class DecodePlan:
         num_heads: int,
         num_kv_heads: int,
         head_dim: int,
+        intermediate_size: int,
         eps: float,
         embed: torch.Tensor,
         rope_cos: torch.Tensor,
@@ -432,7 +512,7 @@ class DecodePlan:
         self._keep: list[torch.Tensor] = []  # everything whose memory the plan points at
         tensors = [final_norm, embed, rope_cos, rope_sin]
         header = [self.hidden, num_heads, num_kv_heads, head_dim]
-        header += [layers[0].gate_up.weight.shape[0] // 2, _CODES[self.dtype], len(layers)]
+        header += [intermediate_size, _CODES[self.dtype], len(layers)]
         header += [key_cache.shape[1], key_cache.shape[2]]
         header += [word for t in tensors for word in self._describe(t)]
         words: list[int] = []

@@ -37,6 +37,10 @@ void talkloop_rms_norm_bf16(const uint16_t*, const uint16_t*, int64_t, int64_t, 
 void talkloop_decode_attention_f32(float*, float*, const float*, const float*, const float*,
                                    const int64_t*, const int64_t*, int64_t, int64_t, int64_t,
                                    int64_t, int64_t, int64_t, int64_t, float);
+void talkloop_int4_linear_f32(const float*, int64_t, int64_t, const uint8_t*, int64_t,
+                              const float*, float*);
+void talkloop_int4_linear_bf16(const uint16_t*, int64_t, int64_t, const uint8_t*, int64_t,
+                               const uint16_t*, uint16_t*);
 void talkloop_decode_attention_bf16(uint16_t*, float*, const uint16_t*, const uint16_t*,
                                     const uint16_t*, const int64_t*, const int64_t*, int64_t,
                                     int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float);
@@ -53,7 +57,8 @@ constexpr int64_t kTensorWords = 6;  // data pointer, dtype code, ndim, up to 3 
 constexpr int64_t kLinearWords = 2 + 3 * kTensorWords;  // kind, group size, weight/scales/bias
 constexpr int64_t kLayerWords = 2 * kTensorWords + 4 * kLinearWords;
 
-enum LinearKind : int64_t { kDense = 0, kInt8 = 8, kInt4 = 4 };
+// kInt4Native: int4_linear.cpp's packed form (weight [N / 16, K / 32, 320] bytes).
+enum LinearKind : int64_t { kDense = 0, kInt8 = 8, kInt4 = 4, kInt4Native = 5 };
 
 at::ScalarType scalar_type(int64_t code) {
   switch (code) {
@@ -80,6 +85,7 @@ struct Linear {
   at::Tensor weight, scales, bias;
 
   at::Tensor operator()(const at::Tensor& x) const {
+    if (kind == kInt4Native) return native_int4(x.contiguous());
     if (kind == kDense) return bias.defined() ? at::linear(x, weight, bias) : at::linear(x, weight);
     const at::Tensor x16 = x.to(at::kBFloat16);
     at::Tensor y = kind == kInt8 ? at::_weight_int8pack_mm(x16, weight, scales)
@@ -87,13 +93,29 @@ struct Linear {
     y = y.to(x.scalar_type());
     return bias.defined() ? y + bias : y;
   }
+
+  at::Tensor native_int4(const at::Tensor& x) const {
+    const int64_t rows = x.size(0), cols = x.size(1), out_features = weight.size(0) * 16;
+    at::Tensor y = at::empty({rows, out_features}, x.options());
+    if (x.scalar_type() == at::kFloat) {
+      talkloop_int4_linear_f32(x.data_ptr<float>(), rows, cols, weight.data_ptr<uint8_t>(),
+                               out_features, bias.defined() ? bias.data_ptr<float>() : nullptr,
+                               y.data_ptr<float>());
+    } else {
+      const auto* b = bias.defined() ? static_cast<const uint16_t*>(bias.data_ptr()) : nullptr;
+      talkloop_int4_linear_bf16(static_cast<const uint16_t*>(x.data_ptr()), rows, cols,
+                                weight.data_ptr<uint8_t>(), out_features, b,
+                                static_cast<uint16_t*>(y.data_ptr()));
+    }
+    return y;
+  }
 };
 
 Linear linear(const int64_t* words) {
   Linear out;
   out.kind = words[0];
   out.group_size = words[1];
-  if (out.kind != kDense && out.kind != kInt8 && out.kind != kInt4)
+  if (out.kind != kDense && out.kind != kInt8 && out.kind != kInt4 && out.kind != kInt4Native)
     throw std::runtime_error("unknown linear kind " + std::to_string(out.kind));
   out.weight = tensor(words + 2);
   out.scales = tensor(words + 2 + kTensorWords);
