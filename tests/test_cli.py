@@ -22,7 +22,12 @@ def _talkloop(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
 
 def test_generate_streams_an_answer() -> None:
     proc = _talkloop(
-        "generate", "What is the capital of France?", "--temperature", "0", "--max-tokens", "24"
+        "generate",
+        "What is the capital city of France? Reply with the city name.",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
     )
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
@@ -35,7 +40,7 @@ def test_generate_bad_sampling_value_is_a_clear_error() -> None:
 
 
 def test_chat_session_with_commands() -> None:
-    script = "/system You answer in one short sentence.\nWhat is 2 + 2?\n/reset\n/help\n/quit\n"
+    script = "/system You answer in one short sentence.\nWhat is the sum of 2 and 2?\n/reset\n/help\n/quit\n"
     proc = _talkloop("chat", "--temperature", "0", "--max-tokens", "24", stdin=script)
     assert proc.returncode == 0, proc.stderr
     assert "system prompt set" in proc.stdout

@@ -88,9 +88,10 @@ class Settings(BaseSettings):
     backend_model: str | None = None  # the model name those servers serve (their /v1/models)
     backend_api_key: SecretStr | None = None
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    # Weight-only quantization of the built-in engine's linears for decoding (int8: +0.8%
-    # perplexity on the bundled model and ~1.6x bf16 decode speed; int4: +3.1%, ~2x).
-    quantization: Literal["none", "int8", "int4"] = "int8"
+    # Quantization of the built-in engine's linears (int4: +2.6% perplexity on the bundled
+    # model, itself Q4_1, and 2.9x int8's single-stream decode speed with the native kernels;
+    # int8: +1.0%).
+    quantization: Literal["none", "int8", "int4"] = "int4"
     speculative: Literal["none", "ngram", "draft"] = "none"  # speculative decoding
     draft_model: str | None = None  # for speculative="draft" (see `talkloop train-draft`)
     num_threads: int | None = Field(default=None, ge=1)
