@@ -2,8 +2,10 @@
 
 Held-out text: tests/data/heldout_chat.txt, written for talkloop (not taken from anywhere).
 Targets: int8 within 2% and int4 within 6% of the fp32 dequantized model, for both of a
-quantized layer's kernels: weight-only (decode-sized batches) and W8A8 with calibrated outlier
-channels (prefill and batched decode; the engine as `load_model` builds it).
+quantized layer's kernels: the decode-sized one (int8: torch's weight-only kernel; int4: the
+native int4 x int8 VNNI kernel, activations quantized per group of 32, where it is built) and
+W8A8 with calibrated outlier channels (prefill and batched decode; the engine as `load_model`
+builds it).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ TEXT = (Path(__file__).parents[1] / "data" / "heldout_chat.txt").read_text(encod
 def _perplexity(quantization: Quantization, dtype: DType, kernel: str = "w8a8") -> float:
     if kernel == "w8a8":  # 511 rows per call: every quantized layer takes the W8A8 path
         loaded = load_model(EngineConfig(dtype=dtype, quantization=quantization))
-    else:  # the weight-only kernels for every row, as decode-sized batches use them
+    else:  # the decode-sized kernels for every row, as decode-sized batches use them
         loaded = load_model(EngineConfig(dtype=dtype))
         quantize_linears(loaded.model, quantization, max_quant_rows=None)
     ids = loaded.tokenizer.encode(TEXT, add_special_tokens=False)[:512]
