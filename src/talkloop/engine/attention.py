@@ -142,21 +142,28 @@ def _prefill_attention(
     keys = keys.unsqueeze(0).to(compute)  # [1, Hkv, L, D]
     values = values.unsqueeze(0).to(compute)
     num_cached = chunk.context_len - chunk.num_tokens
-    mask = None
-    if num_cached:
-        # Query i (absolute position num_cached + i) sees keys 0..num_cached + i.
-        rows = torch.arange(chunk.num_tokens, device=q.device).unsqueeze(1) + num_cached
-        mask = torch.arange(chunk.context_len, device=q.device).unsqueeze(0) <= rows
+    gqa = query.shape[1] != keys.shape[1]
+    if num_cached < chunk.num_tokens:
+        # Causal from the cached keys on: SDPA's causal mode (top-left aligned) is exact once
+        # `num_cached` dummy queries stand before the new ones, and it skips the blocks above
+        # the diagonal. A chat turn almost always follows a cached template prefix: a dense
+        # lower-right mask instead cost 1.4x (16.0 vs 11.2 ms for 1,008 new tokens after 16
+        # cached, measured here). Padding computes (P + N)^2 / 2 scores, the mask N (P + N):
+        # fewer while P < N.
+        if num_cached:
+            pad = query.new_zeros(1, query.shape[1], num_cached, query.shape[-1])
+            query = torch.cat([pad, query], dim=2)
+        out = F.scaled_dot_product_attention(
+            query, keys, values, is_causal=True, scale=scale, enable_gqa=gqa
+        )[:, :, num_cached:]
+        return out.to(q.dtype)[0].transpose(0, 1)
+    # Query i (absolute position num_cached + i) sees keys 0..num_cached + i.
+    rows = torch.arange(chunk.num_tokens, device=q.device).unsqueeze(1) + num_cached
+    mask = torch.arange(chunk.context_len, device=q.device).unsqueeze(0) <= rows
     out = F.scaled_dot_product_attention(
-        query,
-        keys,
-        values,
-        attn_mask=mask,
-        is_causal=mask is None,
-        scale=scale,
-        enable_gqa=query.shape[1] != keys.shape[1],
-    ).to(q.dtype)
-    return out[0].transpose(0, 1)
+        query, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa
+    )
+    return out.to(q.dtype)[0].transpose(0, 1)
 
 
 def _decode_attention(
