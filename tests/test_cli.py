@@ -40,7 +40,10 @@ def test_generate_bad_sampling_value_is_a_clear_error() -> None:
 
 
 def test_chat_session_with_commands() -> None:
-    script = "/system You answer in one short sentence.\nWhat is the sum of 2 and 2?\n/reset\n/help\n/quit\n"
+    script = (
+        "/system You answer in one short sentence.\nWhat is the sum of 2 and 2?\n"
+        "/reset\n/help\n/quit\n"
+    )
     proc = _talkloop("chat", "--temperature", "0", "--max-tokens", "24", stdin=script)
     assert proc.returncode == 0, proc.stderr
     assert "system prompt set" in proc.stdout

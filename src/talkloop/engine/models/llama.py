@@ -212,7 +212,7 @@ class LlamaForCausalLM(nn.Module):
             raise ModelLoadError(f"checkpoint is missing tensor {exc.args[0]!r}") from None
 
 
-NATIVE_STEP_MAX_ROWS = 8  # rows per native decode step with dense (unquantized) linears
+NATIVE_STEP_MAX_ROWS = 64  # rows per native decode step (quantized layers may allow fewer)
 
 
 def _decode_plan_rows(model: LlamaForCausalLM) -> int | None:

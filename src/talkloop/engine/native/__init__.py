@@ -380,7 +380,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
 # ---- int4 linears (int4_linear.cpp) ----------------------------------------------------------
 INT4_GROUP = 32  # input channels per scale and min
 INT4_TILE = 16  # output channels per packed tile
-INT4_MAX_ROWS = 8  # rows per kernel call
 
 
 def int4_supported() -> bool:
@@ -428,18 +427,15 @@ def int4_linear(
     out_features = packed.shape[0] * INT4_TILE
     out = torch.empty((flat.shape[0], out_features), dtype=x.dtype)
     bias = bias.to(x.dtype).contiguous() if bias is not None else None
-    function = getattr(lib, f"talkloop_int4_linear_{_DTYPES[x.dtype]}")
-    for start in range(0, flat.shape[0], INT4_MAX_ROWS):
-        rows = flat[start : start + INT4_MAX_ROWS]
-        function(
-            rows.data_ptr(),
-            rows.shape[0],
-            rows.shape[1],
-            packed.data_ptr(),
-            out_features,
-            bias.data_ptr() if bias is not None else None,
-            out[start : start + INT4_MAX_ROWS].data_ptr(),
-        )
+    getattr(lib, f"talkloop_int4_linear_{_DTYPES[x.dtype]}")(
+        flat.data_ptr(),
+        flat.shape[0],
+        flat.shape[1],
+        packed.data_ptr(),
+        out_features,
+        bias.data_ptr() if bias is not None else None,
+        out.data_ptr(),
+    )
     return out.view(*x.shape[:-1], out_features)
 
 
