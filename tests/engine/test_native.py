@@ -24,9 +24,16 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
-def _case(dtype: torch.dtype, lens: list[int], block_size: int = 4, seed: int = 0):
+def _case(
+    dtype: torch.dtype,
+    lens: list[int],
+    block_size: int = 4,
+    seed: int = 0,
+    dim: int = 8,
+    group: int = 3,
+):
     torch.manual_seed(seed)
-    kv_heads, group, dim, num_blocks = 2, 3, 8, 64
+    kv_heads, num_blocks = 2, 64
     caches = [torch.randn(kv_heads, num_blocks, block_size, dim, dtype=dtype) for _ in "kv"]
     width = max(-(-n // block_size) for n in lens)
     tables = torch.stack([torch.randperm(num_blocks)[:width] for _ in lens])
@@ -42,8 +49,16 @@ def _case(dtype: torch.dtype, lens: list[int], block_size: int = 4, seed: int = 
 @pytest.mark.parametrize(
     ("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["f32", "bf16"]
 )
-def test_kernel_equals_the_pytorch_path(dtype: torch.dtype, tolerance: float) -> None:
-    q, keys, values, meta = _case(dtype, [1, 5, 16, 37, 4])  # partial and single blocks
+@pytest.mark.parametrize(
+    ("dim", "group", "block_size"),
+    [(8, 3, 4), (64, 3, 16), (64, 4, 5), (128, 2, 16)],  # 64/128: the AVX-512 path
+)
+def test_kernel_equals_the_pytorch_path(
+    dtype: torch.dtype, tolerance: float, dim: int, group: int, block_size: int
+) -> None:
+    # partial and single blocks; 16, 17, 33 and 64 keys: whole and partial lanes of 16
+    lens = [1, 5, 16, 17, 33, 37, 64, 4]
+    q, keys, values, meta = _case(dtype, lens, block_size, dim=dim, group=group)
     expected = _decode_attention(q, keys, values, meta, 0.35)
     got = native.decode_attention(q, keys, values, meta.decode_block_tables,
                                   meta.decode_context_lens, 0.35)  # fmt: skip
@@ -52,12 +67,13 @@ def test_kernel_equals_the_pytorch_path(dtype: torch.dtype, tolerance: float) ->
 
 
 @needs_kernel
-def test_log_sum_exp_of_the_scaled_scores() -> None:
-    q, keys, values, meta = _case(torch.float32, [3, 9])
+@pytest.mark.parametrize("dim", [8, 64])
+def test_log_sum_exp_of_the_scaled_scores(dim: int) -> None:
+    q, keys, values, meta = _case(torch.float32, [3, 9, 40], dim=dim)
     out, lse = native.decode_attention_lse(
         q, keys, values, meta.decode_block_tables, meta.decode_context_lens, 0.5
     )
-    for row, length in enumerate([3, 9]):
+    for row, length in enumerate([3, 9, 40]):
         for head in range(q.shape[1]):
             kv = head // 3
             k = keys[kv][meta.decode_block_tables[row]].reshape(-1, keys.shape[-1])[:length]

@@ -7,6 +7,10 @@
 // Work items are ordered head-major, so sequences that share a persona prefix read the same
 // blocks back to back (from cache, not memory). Threads: ATen's pool (at::parallel_for).
 //
+// With AVX-512 and head_dim 64 or 128, scores are computed for 16 keys at a time and summed
+// across lanes together (`sum16`), and the value sum keeps its accumulators in registers; other
+// shapes take the portable loops.
+//
 // Layouts (contiguous): q, out [B, Hkv * G, D]; caches [Hkv, num_blocks, block_size, D];
 // block_tables [B, max_blocks] int64; context_lens [B] int64. dtype: float32 or bfloat16.
 
@@ -19,6 +23,13 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if defined(__AVX512F__)
+#define TALKLOOP_ATTENTION_AVX512 1
+#include <immintrin.h>
+#else
+#define TALKLOOP_ATTENTION_AVX512 0
+#endif
 
 namespace {
 
@@ -39,6 +50,103 @@ inline float exp_nonpositive(float x) {
 
 constexpr int64_t kMaxHeadDim = 512;
 
+#if TALKLOOP_ATTENTION_AVX512
+
+// 16 floats from 16 stored elements (bf16: its bits are a float's top half).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+constexpr int64_t kMaxGroup = 16;  // query heads per kv head on the vectorized path
+
+// v[0..15] (16 vectors, in memory) -> one vector of their horizontal sums, in order: four
+// levels of pairwise shuffles and adds (45 instructions for 16 sums, where one horizontal
+// sum per vector costs about 9).
+inline __m512 sum16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // lane l of a[i]: v2i(0+2), v2i+1(0+2), v2i(1+3), v2i+1(1+3)
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // lane l of b[i]: the lane's sums of v4i .. v4i+3
+    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)  // lanes: b2i (0+1), b2i (2+3), b2i+1 (0+1), b2i+1 (2+3)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
+                       _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
+// One (kv head, sequence) item with head_dim D (a multiple of 16): scores of the G queries
+// against 16 keys at a time (one partial vector per key, then `sum16`)...
+template <int D, typename T>
+void scores_avx512(const float* query /* [G, D], scaled */, int64_t group, const T* keys,
+                   const int64_t* table, int64_t length, int64_t block_size,
+                   float* scores /* [G, round_up(length, 16)] */) {
+  constexpr int kChunks = D / 16;
+  const int64_t stride = (length + 15) / 16 * 16;
+  alignas(64) __m512 partial[kMaxGroup][16];  // per query: one partial vector per key
+  int64_t pos = 0;  // of the next key
+  int filled = 0;
+  auto flush = [&](int64_t first) {
+    for (int i = filled; i < 16; ++i)
+      for (int64_t g = 0; g < group; ++g) partial[g][i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < group; ++g) {
+      alignas(64) float sums[16];
+      _mm512_store_ps(sums, sum16(partial[g]));
+      std::memcpy(scores + g * stride + first, sums, filled * sizeof(float));
+    }
+    filled = 0;
+  };
+  for (int64_t blk = 0; pos < length; ++blk) {
+    const T* k = keys + table[blk] * block_size * D;
+    const int64_t count = std::min(block_size, length - pos);
+    for (int64_t t = 0; t < count; ++t, k += D) {
+      __m512 key[kChunks];  // converted once for all G queries
+      for (int c = 0; c < kChunks; ++c) key[c] = load16(k + 16 * c);
+      for (int64_t g = 0; g < group; ++g) {
+        const float* qg = query + g * D;
+        __m512 p = _mm512_mul_ps(_mm512_loadu_ps(qg), key[0]);
+        for (int c = 1; c < kChunks; ++c) p = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), key[c], p);
+        partial[g][filled] = p;
+      }
+      if (++filled == 16) flush(pos + t + 1 - 16);
+    }
+    pos += count;
+  }
+  if (filled) flush(pos - filled);
+}
+
+// ... and the value sum, one 16-wide chunk of the output at a time with the G accumulators in
+// registers.
+template <int D, typename T>
+void value_sum_avx512(const float* probs /* [G, stride] */, int64_t group, const T* values,
+                      const int64_t* table, int64_t length, int64_t block_size, float* acc) {
+  constexpr int kChunks = D / 16;
+  const int64_t stride = (length + 15) / 16 * 16;
+  for (int c = 0; c < kChunks; ++c) {
+    __m512 sums[kMaxGroup];
+    for (int64_t g = 0; g < group; ++g) sums[g] = _mm512_setzero_ps();
+    int64_t pos = 0;
+    for (int64_t blk = 0; pos < length; ++blk) {
+      const T* v = values + table[blk] * block_size * D + 16 * c;
+      const int64_t count = std::min(block_size, length - pos);
+      for (int64_t t = 0; t < count; ++t, v += D) {
+        const __m512 row = load16(v);
+        for (int64_t g = 0; g < group; ++g)
+          sums[g] = _mm512_fmadd_ps(_mm512_set1_ps(probs[g * stride + pos + t]), row, sums[g]);
+      }
+      pos += count;
+    }
+    for (int64_t g = 0; g < group; ++g) _mm512_storeu_ps(acc + g * D + 16 * c, sums[g]);
+  }
+}
+#endif
+
 template <typename T, typename OutT>
 void decode(OutT* out, float* lse, const T* q, const T* key_cache, const T* value_cache,
             const int64_t* block_tables, const int64_t* context_lens, int64_t batch,
@@ -46,6 +154,11 @@ void decode(OutT* out, float* lse, const T* q, const T* key_cache, const T* valu
             int64_t block_size, int64_t max_blocks, float scale) {
   const int64_t num_heads = num_kv_heads * group;
   const int64_t head_stride = num_blocks * block_size * head_dim;  // one kv head's pool
+#if TALKLOOP_ATTENTION_AVX512
+  const bool vectorized = (head_dim == 64 || head_dim == 128) && group <= kMaxGroup;
+#else
+  const bool vectorized = false;
+#endif
   at::parallel_for(0, num_kv_heads * batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> query(group * head_dim), acc(group * head_dim), scores;
     std::vector<float> peak(group), total(group);
@@ -53,6 +166,7 @@ void decode(OutT* out, float* lse, const T* q, const T* key_cache, const T* valu
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item / batch, b = item % batch;
       const int64_t length = context_lens[b];
+      const int64_t stride = (length + 15) / 16 * 16;  // of each query's scores
       const int64_t* table = block_tables + b * max_blocks;
       const T* keys = key_cache + h * head_stride;
       const T* values = value_cache + h * head_stride;
@@ -60,48 +174,70 @@ void decode(OutT* out, float* lse, const T* q, const T* key_cache, const T* valu
         const T* qrow = q + (b * num_heads + h * group + g) * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) query[g * head_dim + d] = to_float(qrow[d]) * scale;
       }
-      scores.resize(group * length);
-      std::fill(peak.begin(), peak.end(), -INFINITY);
+      scores.resize(group * stride);
       const int64_t used_blocks = (length + block_size - 1) / block_size;
-      for (int64_t blk = 0; blk < used_blocks; ++blk) {  // whole blocks: no division per token
-        const T* k = keys + table[blk] * block_size * head_dim;
-        const int64_t first = blk * block_size, count = std::min(block_size, length - first);
-        for (int64_t t = 0; t < count; ++t, k += head_dim) {
+      if (vectorized) {
+#if TALKLOOP_ATTENTION_AVX512
+        if (head_dim == 64) {
+          scores_avx512<64>(query.data(), group, keys, table, length, block_size, scores.data());
+        } else {
+          scores_avx512<128>(query.data(), group, keys, table, length, block_size, scores.data());
+        }
+#endif
+      } else {
+        for (int64_t blk = 0; blk < used_blocks; ++blk) {  // whole blocks: no division per token
+          const T* k = keys + table[blk] * block_size * head_dim;
+          const int64_t first = blk * block_size, count = std::min(block_size, length - first);
+          for (int64_t t = 0; t < count; ++t, k += head_dim) {
 #pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(k[d]);
-          for (int64_t g = 0; g < group; ++g) {
-            const float* qg = query.data() + g * head_dim;
-            float dot = 0.f;
+            for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(k[d]);
+            for (int64_t g = 0; g < group; ++g) {
+              const float* qg = query.data() + g * head_dim;
+              float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * row[d];
-            scores[g * length + first + t] = dot;
-            peak[g] = std::max(peak[g], dot);
+              for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * row[d];
+              scores[g * stride + first + t] = dot;
+            }
           }
         }
       }
       for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * length;
-        const float m = peak[g];
+        float* s = scores.data() + g * stride;
+        float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+        for (int64_t pos = 0; pos < length; ++pos) m = std::max(m, s[pos]);
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t pos = 0; pos < length; ++pos) {
           s[pos] = exp_nonpositive(s[pos] - m);
           sum += s[pos];
         }
+        peak[g] = m;
         total[g] = sum;
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t blk = 0; blk < used_blocks; ++blk) {
-        const T* v = values + table[blk] * block_size * head_dim;
-        const int64_t first = blk * block_size, count = std::min(block_size, length - first);
-        for (int64_t t = 0; t < count; ++t, v += head_dim) {
+      if (vectorized) {
+#if TALKLOOP_ATTENTION_AVX512
+        if (head_dim == 64) {
+          value_sum_avx512<64>(scores.data(), group, values, table, length, block_size, acc.data());
+        } else {
+          value_sum_avx512<128>(scores.data(), group, values, table, length, block_size,
+                                acc.data());
+        }
+#endif
+      } else {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t blk = 0; blk < used_blocks; ++blk) {
+          const T* v = values + table[blk] * block_size * head_dim;
+          const int64_t first = blk * block_size, count = std::min(block_size, length - first);
+          for (int64_t t = 0; t < count; ++t, v += head_dim) {
 #pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(v[d]);
-          for (int64_t g = 0; g < group; ++g) {
-            const float p = scores[g * length + first + t];
-            float* a = acc.data() + g * head_dim;
+            for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(v[d]);
+            for (int64_t g = 0; g < group; ++g) {
+              const float p = scores[g * stride + first + t];
+              float* a = acc.data() + g * head_dim;
 #pragma omp simd
-            for (int64_t d = 0; d < head_dim; ++d) a[d] += p * row[d];
+              for (int64_t d = 0; d < head_dim; ++d) a[d] += p * row[d];
+            }
           }
         }
       }
