@@ -17,6 +17,7 @@
 // speculative rows alike (the rows' keys are written before any row attends).
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 
 #include "scalar.h"
@@ -188,17 +189,19 @@ void add_into(T* x, const T* y, int64_t n) {
 // gate_up [B, 2I] -> silu(gate) * up [B, I], each op rounded to T.
 template <typename T>
 void silu_mul(const T* gate_up, int64_t rows, int64_t inter, T* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* gate = gate_up + r * 2 * inter;
-    const T* up = gate + inter;
-    T* dst = out + r * inter;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / inter), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* gate = gate_up + r * 2 * inter;
+      const T* up = gate + inter;
+      T* dst = out + r * inter;
 #pragma omp simd
-    for (int64_t i = 0; i < inter; ++i) {
-      const float g = to_float(gate[i]);
-      const float act = as_stored(g / (1.f + std::exp(-g)), T{});
-      from_float(act * to_float(up[i]), dst + i);
+      for (int64_t i = 0; i < inter; ++i) {
+        const float g = to_float(gate[i]);
+        const float act = as_stored(g / (1.f + std::exp(-g)), T{});
+        from_float(act * to_float(up[i]), dst + i);
+      }
     }
-  }
+  });
 }
 
 template <typename T>

@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -53,25 +54,29 @@ constexpr int64_t kRowBlock = 8;  // rows sharing one unpacking of a weight bloc
 template <typename T>
 void quantize_groups(const T* x, int64_t rows, int64_t cols, int8_t* xq, float* dx, float* xsum) {
   const int64_t groups = cols / kGroup;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t g = 0; g < groups; ++g) {
-      const T* src = x + r * cols + g * kGroup;
-      float values[kGroup];
-      float amax = 0.f, sum = 0.f;
-      for (int64_t k = 0; k < kGroup; ++k) {
-        values[k] = to_float(src[k]);
-        amax = std::max(amax, std::fabs(values[k]));
-        sum += values[k];
+  // Rows in parallel once there are enough of them to pay for waking the other threads.
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const T* src = x + r * cols + g * kGroup;
+        float values[kGroup];
+        float amax = 0.f, sum = 0.f;
+        for (int64_t k = 0; k < kGroup; ++k) {
+          values[k] = to_float(src[k]);
+          amax = std::max(amax, std::fabs(values[k]));
+          sum += values[k];
+        }
+        const float d = amax / 127.f;
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        int8_t* dst = xq + r * cols + g * kGroup;
+        for (int64_t k = 0; k < kGroup; ++k)
+          dst[k] = static_cast<int8_t>(std::nearbyint(std::clamp(values[k] * inv, -127.f, 127.f)));
+        dx[r * groups + g] = d;
+        xsum[r * groups + g] = sum;
       }
-      const float d = amax / 127.f;
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int8_t* dst = xq + r * cols + g * kGroup;
-      for (int64_t k = 0; k < kGroup; ++k)
-        dst[k] = static_cast<int8_t>(std::nearbyint(std::clamp(values[k] * inv, -127.f, 127.f)));
-      dx[r * groups + g] = d;
-      xsum[r * groups + g] = sum;
     }
-  }
+  });
 }
 
 #if TALKLOOP_INT4_VNNI
@@ -144,21 +149,26 @@ void linear(const T* x, int64_t rows, int64_t cols, const uint8_t* packed, int64
 #if TALKLOOP_INT4_VNNI
   const int64_t groups = cols / kGroup;
   std::vector<int8_t> xq(rows * cols);
-  std::vector<float> dx(rows * groups), xsum(rows * groups), y(rows * out_features);
+  std::vector<float> dx(rows * groups), xsum(rows * groups);
+  // Not zeroed: the tiles write every element (zeroing lm_head's 32-row output cost 2%).
+  std::unique_ptr<float[]> y(new float[rows * out_features]);
   quantize_groups(x, rows, cols, xq.data(), dx.data(), xsum.data());
-  run_tiles(packed, xq.data(), dx.data(), xsum.data(), rows, cols, out_features, y.data());
-  for (int64_t r = 0; r < rows; ++r) {
-    T* dst = out + r * out_features;
-    const float* src = y.data() + r * out_features;
-    if (bias != nullptr) {  // rounded to T, then the bias added (and rounded): torch's order
+  run_tiles(packed, xq.data(), dx.data(), xsum.data(), rows, cols, out_features, y.get());
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / out_features), [&](int64_t begin,
+                                                                            int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* dst = out + r * out_features;
+      const float* src = y.get() + r * out_features;
+      if (bias != nullptr) {  // rounded to T, then the bias added (and rounded): torch's order
 #pragma omp simd
-      for (int64_t n = 0; n < out_features; ++n)
-        from_float(as_stored(src[n], T{}) + to_float(bias[n]), dst + n);
-    } else {
+        for (int64_t n = 0; n < out_features; ++n)
+          from_float(as_stored(src[n], T{}) + to_float(bias[n]), dst + n);
+      } else {
 #pragma omp simd
-      for (int64_t n = 0; n < out_features; ++n) from_float(src[n], dst + n);
+        for (int64_t n = 0; n < out_features; ++n) from_float(src[n], dst + n);
+      }
     }
-  }
+  });
 #else
   (void)x, (void)rows, (void)cols, (void)packed, (void)out_features, (void)bias, (void)out;
 #endif
