@@ -112,3 +112,14 @@ def test_logits_match_transformers(name: str) -> None:
         expected = theirs(tokens.unsqueeze(0)).logits[0].float()
     got = full_logits(ours, tokens.tolist())
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_rope_tables_follow_a_model_moved_after_construction() -> None:
+    """`model.to(device)` moves parameters; the RoPE tables (plain tensors) follow the
+    positions to their device on first use (found on CUDA, where they stayed on the CPU)."""
+    from talkloop.engine.models.rope import RotaryEmbedding
+
+    rope = RotaryEmbedding(16, 64, 10000.0, RopeScaling())
+    cos, sin = rope.tables(torch.arange(3, device="meta"), torch.float32)
+    assert cos.device.type == "meta" and sin.shape == (3, 1, 16)
+    assert rope.cos.device.type == "meta"  # moved once, not per call

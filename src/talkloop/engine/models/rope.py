@@ -86,8 +86,11 @@ class RotaryEmbedding:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for `positions` [T], each [T, 1, D] (halves repeated), in `dtype`.
 
-        Built once per forward and shared by every layer.
+        Built once per forward and shared by every layer. The tables follow `positions` to
+        their device (a model moved with `.to()` after construction).
         """
+        if self.cos.device != positions.device:
+            self.cos, self.sin = self.cos.to(positions.device), self.sin.to(positions.device)
         cos = self.cos[positions].repeat(1, 2).unsqueeze(1)
         sin = self.sin[positions].repeat(1, 2).unsqueeze(1)
         return cos.to(dtype), sin.to(dtype)
