@@ -224,6 +224,20 @@ def test_int4_kernel_equals_its_reference(dtype: torch.dtype, rows: int) -> None
 
 
 @needs_int4
+def test_int4_kernel_takes_zero_rows() -> None:
+    """A step whose chunks turn no row into logits calls lm_head on 0 rows (this once killed
+    the server with SIGFPE: a division by the number of row blocks)."""
+    q, scale, low = native.int4_quantize(torch.randn(32, 64))
+    packed = native.int4_pack(q, scale, low)
+    assert native.int4_linear(torch.empty(0, 64), packed).shape == (0, 32)
+    lib = native.library()
+    assert lib is not None
+    out = torch.empty(0, 32)
+    x = torch.empty(0, 64)  # the kernel itself returns at once too
+    lib.talkloop_int4_linear_f32(x.data_ptr(), 0, 64, packed.data_ptr(), 32, None, out.data_ptr())
+
+
+@needs_int4
 def test_int4_layers_read_a_q4_1_checkpoint_exactly() -> None:
     """A weight that already is Q4_1 (q * scale + min, fp16 scale and min, each group
     spanning 0..15) comes back unchanged."""

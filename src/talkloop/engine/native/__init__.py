@@ -426,6 +426,8 @@ def int4_linear(
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     out_features = packed.shape[0] * INT4_TILE
     out = torch.empty((flat.shape[0], out_features), dtype=x.dtype)
+    if not flat.shape[0]:  # no rows (a step that samples nothing): nothing to compute
+        return out.view(*x.shape[:-1], out_features)
     bias = bias.to(x.dtype).contiguous() if bias is not None else None
     getattr(lib, f"talkloop_int4_linear_{_DTYPES[x.dtype]}")(
         flat.data_ptr(),

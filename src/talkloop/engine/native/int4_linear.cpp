@@ -147,6 +147,7 @@ template <typename T>
 void linear(const T* x, int64_t rows, int64_t cols, const uint8_t* packed, int64_t out_features,
             const T* bias, T* out) {
 #if TALKLOOP_INT4_VNNI
+  if (rows <= 0) return;  // (a step may turn no row into logits)
   const int64_t groups = cols / kGroup;
   std::vector<int8_t> xq(rows * cols);
   std::vector<float> dx(rows * groups), xsum(rows * groups);
