@@ -155,3 +155,14 @@ def test_bad_rows_are_refused_with_a_clear_error() -> None:
 def test_no_plan_for_moe_models() -> None:
     model = tiny_model(tiny_config("mixtral"))
     assert model.decode_plan(_filled_cache(model)) is None
+
+
+def test_a_long_prompt_in_chunks_that_sample_nothing() -> None:
+    """Chunked prefill: the first chunks of a long prompt turn no row into logits (with the
+    native int4 kernel that once divided by zero on 0 rows and killed the process)."""
+    model = _model("llama", torch.bfloat16, "int4")
+    engine = tiny_engine(model, num_blocks=96, max_num_batched_tokens=32)
+    prompt = encode_bytes("a long prompt that spans several prefill chunks. " * 3)
+    assert len(prompt) > 3 * 32
+    engine.add_request("long", prompt, SamplingParams(max_tokens=8, temperature=0.0))
+    assert len(run_to_completion(engine)["long:0"]) == 8
