@@ -140,12 +140,11 @@ class ModelRunner:
                 tables.append(table)
             token_ids.extend(chunk.token_ids)
             logit_rows.extend(range(len(token_ids) - chunk.num_logit_rows, len(token_ids)))
-        width = max(len(t) for t in tables)
         hidden = self.decode_plan.step(
             self._tensor(token_ids),
             self._tensor(positions),
             self._tensor(slots),
-            self._tensor([b for t in tables for b in t + [0] * (width - len(t))]).view(-1, width),
+            self._tables(tables),
             self._tensor([p + 1 for p in positions]),
         )
         if len(logit_rows) == len(token_ids):
@@ -186,6 +185,12 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
 
+    def _tables(self, tables: list[list[int]]) -> torch.Tensor:
+        """Block tables padded with block 0 to the longest: [len(tables), width] int64."""
+        width = max((len(t) for t in tables), default=0)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        return torch.tensor(padded, dtype=torch.int64, device=self.device).view(len(tables), width)
+
     def _prefill_chunk(self, chunk: TokenChunk, token_start: int) -> PrefillChunk:
         num_blocks = -(-chunk.end // self.block_manager.block_size)
         table = self._tensor(chunk.seq.block_ids[:num_blocks])
@@ -212,8 +217,8 @@ class ModelRunner:
                 shared.append(SharedPrefix(self._tensor(members), self._tensor(leading)))
         own = [t[s:] for t, s in zip(tables, skipped, strict=True)]
         own_lens = [n - s * block_size for n, s in zip(context_lens, skipped, strict=True)]
-        max_blocks = max((len(t) for t in own), default=0)
-        padded = [t + [0] * (max_blocks - len(t)) for t in own]
+        block_tables = self._tables(own)
+        max_blocks = block_tables.shape[1]
         lens = self._tensor(own_lens)
         bias = None
         if decodes and not self.native_decode:  # the kernel stops at each row's length itself
@@ -222,9 +227,7 @@ class ModelRunner:
             bias = torch.zeros(beyond.shape, dtype=torch.float32, device=self.device)
             bias = bias.masked_fill_(beyond, float("-inf"))
         return {
-            "decode_block_tables": torch.tensor(padded, dtype=torch.int64, device=self.device).view(
-                len(decodes), max_blocks
-            ),
+            "decode_block_tables": block_tables,
             "decode_context_lens": lens,
             "decode_bias": bias,
             "decode_shared": tuple(shared),

@@ -192,6 +192,7 @@ class LlamaForCausalLM(nn.Module):
             head_dim=c.head_dim,
             intermediate_size=c.intermediate_size,
             eps=self.norm.eps,
+            scale=_decoder_layers(self)[0].attn.scale,
             embed=self.embed_tokens,
             rope_cos=self.rope.cos,
             rope_sin=self.rope.sin,
@@ -241,10 +242,11 @@ def _linears(layer: DecoderLayer) -> tuple[nn.Module, nn.Module, nn.Module, nn.M
 
 def _linear_weights(module: nn.Module) -> native.LinearWeights:
     if isinstance(module, QuantizedLinear) and module.int4_packed is not None:
-        return native.LinearWeights(5, module.int4_packed, bias=module.bias)
+        return native.LinearWeights(native.LINEAR_INT4_NATIVE, module.int4_packed, bias=module.bias)
     if isinstance(module, QuantizedLinear):
+        kind = native.LINEAR_INT8 if module.bits == 8 else native.LINEAR_INT4_TORCH
         return native.LinearWeights(
-            module.bits, module.qweight, module.scales, module.bias, module.group_size
+            kind, module.qweight, module.scales, module.bias, module.group_size
         )
     assert isinstance(module, Linear)
-    return native.LinearWeights(0, module.weight, bias=module.bias)
+    return native.LinearWeights(native.LINEAR_DENSE, module.weight, bias=module.bias)

@@ -446,12 +446,17 @@ _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}
 _ERROR_CAPACITY = 512
 
 
+# decode_step.cpp's LinearKind
+LINEAR_DENSE = 0  # `F.linear` on the dense `weight`
+LINEAR_INT8 = 8  # `_weight_int8pack_mm` on `weight` and `scales`
+LINEAR_INT4_TORCH = 4  # `_weight_int4pack_mm_for_cpu` on `weight`, `scales`, `group_size`
+LINEAR_INT4_NATIVE = 5  # `int4_linear` on its packed `weight`
+
+
 @dataclass(frozen=True)
 class LinearWeights:
-    """One linear layer as the native step runs it: `kind` 0 (dense `weight`, computed with
-    `F.linear`), 8 (`_weight_int8pack_mm`), 4 (`_weight_int4pack_mm_for_cpu`, `group_size`)
-    on its packed `weight` and `scales`, or 5 (`int4_linear` on its packed `weight`); `bias`
-    added in the activations' dtype."""
+    """One linear layer as the native step runs it: a `LINEAR_*` kind, its tensors, and
+    `bias` added in the activations' dtype."""
 
     kind: int
     weight: torch.Tensor
@@ -492,6 +497,7 @@ class DecodePlan:
         head_dim: int,
         intermediate_size: int,
         eps: float,
+        scale: float,
         embed: torch.Tensor,
         rope_cos: torch.Tensor,
         rope_sin: torch.Tensor,
@@ -532,7 +538,7 @@ class DecodePlan:
             (ctypes.c_int64 * len(words))(*words),
             (ctypes.c_void_p * len(caches))(*caches),
             eps,
-            head_dim**-0.5,
+            scale,
             self._error,
             _ERROR_CAPACITY,
         )

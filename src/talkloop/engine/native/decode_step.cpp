@@ -58,7 +58,8 @@ constexpr int64_t kTensorWords = 6;  // data pointer, dtype code, ndim, up to 3 
 constexpr int64_t kLinearWords = 2 + 3 * kTensorWords;  // kind, group size, weight/scales/bias
 constexpr int64_t kLayerWords = 2 * kTensorWords + 4 * kLinearWords;
 
-// kInt4Native: int4_linear.cpp's packed form (weight [N / 16, K / 32, 320] bytes).
+// kInt4Native: int4_linear.cpp's packed form (weight [N / 16, K / 32, 320] bytes). The same
+// codes are native/__init__.py's LINEAR_* constants.
 enum LinearKind : int64_t { kDense = 0, kInt8 = 8, kInt4 = 4, kInt4Native = 5 };
 
 at::ScalarType scalar_type(int64_t code) {
