@@ -252,3 +252,85 @@ def test_int4_layers_read_a_q4_1_checkpoint_exactly() -> None:
     got_q, got_scale, got_low = native.int4_quantize(weight)
     assert torch.equal(got_q, q.to(torch.uint8))
     assert torch.equal(got_scale, scale) and torch.equal(got_low, low)
+
+
+# ---- bf16 prefill attention (prefill_attention.cpp) ------------------------------------------
+needs_bf16_prefill = pytest.mark.skipif(
+    not native.prefill_attention_supported(torch.device("cpu"), torch.bfloat16, 64),
+    reason="no AVX-512 BF16: prefills use SDPA",
+)
+
+
+def _exact_prefill(q, keys, values, table, context_len, scale) -> torch.Tensor:
+    """Causal attention of q [n, H, D] (the last n positions) in float64 from the blocks."""
+    kv_heads, _, _, dim = keys.shape
+    group = q.shape[1] // kv_heads
+    k = keys[:, table].reshape(kv_heads, -1, dim)[:, :context_len].double()
+    v = values[:, table].reshape(kv_heads, -1, dim)[:, :context_len].double()
+    k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+    scores = torch.einsum("nhd,hkd->hnk", q.double(), k) * scale
+    cached = context_len - q.shape[0]
+    visible = torch.arange(context_len)[None, :] <= torch.arange(q.shape[0])[:, None] + cached
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return torch.einsum("hnk,hkd->nhd", probs, v)
+
+
+@needs_bf16_prefill
+@pytest.mark.parametrize(
+    ("dim", "group", "block_size"), [(64, 3, 16), (64, 1, 5), (128, 4, 16), (64, 2, 1)]
+)
+@pytest.mark.parametrize(
+    ("cached", "new"),
+    # one token; tiles of 32 keys whole and partial; query blocks of 16 whole and partial;
+    # more cached than new (the chunk after a long history) and a long prompt
+    [(0, 1), (0, 47), (5, 3), (31, 33), (64, 64), (100, 17), (300, 5), (16, 400)],
+)
+def test_prefill_kernel_equals_exact_attention(
+    dim: int, group: int, block_size: int, cached: int, new: int
+) -> None:
+    torch.manual_seed(cached * 1000 + new)
+    kv_heads, length = 2, cached + new
+    width = -(-length // block_size)
+    num_blocks = width + 7
+    keys, values = (torch.randn(kv_heads, num_blocks, block_size, dim).bfloat16() for _ in "kv")
+    table = torch.randperm(num_blocks)[:width]
+    # q as the model passes it: a slice of the fused q/k heads (rows strided, heads dense)
+    fused = (torch.randn(new, kv_heads * (group + 1), dim) * 2).bfloat16()
+    q = fused[:, : kv_heads * group]
+    out = torch.full((new, kv_heads * group, dim), float("nan"), dtype=torch.bfloat16)
+    native.prefill_attention(out, q, keys, values, table, length, dim**-0.5)
+    expected = _exact_prefill(q, keys, values, table, length, dim**-0.5)
+    # bf16 output and bf16 probabilities in the value sum: ~1e-2 at this scale (values ~ 1)
+    torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
+
+
+@needs_bf16_prefill
+def test_prefill_kernel_refuses_what_it_cannot_serve() -> None:
+    keys = torch.zeros(1, 4, 16, 64, dtype=torch.bfloat16)
+    q = torch.zeros(10, 2, 64, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    table = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="do not fit 2 blocks of 16"):
+        native.prefill_attention(out, q, keys, keys, table, 40, 0.125)
+    with pytest.raises(ValueError, match="bfloat16"):
+        native.prefill_attention(out, q.float(), keys, keys, table, 20, 0.125)
+    assert not native.prefill_attention_supported(torch.device("cpu"), torch.float32, 64)
+    assert not native.prefill_attention_supported(torch.device("cpu"), torch.bfloat16, 48)
+
+
+@needs_bf16_prefill
+def test_engine_with_the_prefill_kernel_matches_sdpa() -> None:
+    """A bf16 model with head_dim 64: logits of whole and chunked prefills (after a cached
+    prefix) agree with the SDPA path, and greedy decoding gives the same tokens."""
+    config = tiny_config("llama", hidden_size=128, num_heads=2, num_kv_heads=1, head_dim=64)
+    model = tiny_model(config, seed=3, dtype=torch.bfloat16)
+    prompts = [[*range(40, 110), 120 + i] for i in range(3)] + [list(range(200, 237))]
+    outputs = []
+    for use_kernel in (True, False):
+        engine = tiny_engine(model, num_blocks=96, block_size=4, max_num_batched_tokens=24)
+        assert engine.runner.native_prefill  # the kernel is built here
+        engine.runner.native_prefill = use_kernel
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", prompt, greedy(max_tokens=10, ignore_eos=True))
+        outputs.append(run_to_completion(engine))
+    assert outputs[0] == outputs[1]

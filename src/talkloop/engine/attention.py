@@ -5,7 +5,8 @@ then decode tokens (one per sequence). New keys/values are written to their cach
 prefill chunks attend sequence by sequence and decodes attend as one padded batch; decodes
 whose sequences share leading blocks (one persona prefix) read those blocks once per group
 (see `shared_prefix`). Plain PyTorch, so the same code runs on CPU and CUDA; on the CPU,
-decodes use the native kernel when it is built (`native`), which reads blocks in place.
+decodes use the native kernel when it is built (`native`), which reads blocks in place, and so
+do prefills of a bf16 cache where the CPU has AVX-512 BF16.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class AttentionMetadata:
     decode_bias: torch.Tensor | None  # [B, max_blocks * block_size]: 0 attend, -inf not
     decode_shared: tuple[SharedPrefix, ...] = ()
     decode_native: bool = False  # decodes read the cache in place (native CPU kernel)
+    prefill_native: bool = False  # prefills too (native bf16 kernel, `native.prefill_attention`)
 
 
 class KVCache:
@@ -97,10 +99,21 @@ def paged_attention(
     value_cache.view(num_kv_heads, -1, head_dim).index_copy_(
         1, meta.slot_mapping, v.transpose(0, 1)
     )
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for chunk in meta.prefills:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
-        out[rows] = _prefill_attention(q[rows], key_cache, value_cache, chunk, scale)
+        if meta.prefill_native:  # written in place, from the blocks in place
+            native.prefill_attention(
+                out[rows],
+                q[rows],
+                key_cache,
+                value_cache,
+                chunk.block_table,
+                chunk.context_len,
+                scale,
+            )
+        else:
+            out[rows] = _prefill_attention(q[rows], key_cache, value_cache, chunk, scale)
     if meta.decode_context_lens.numel():
         rows = slice(meta.num_prefill_tokens, q.shape[0])
         out[rows] = _decode_attention(q[rows], key_cache, value_cache, meta, scale)

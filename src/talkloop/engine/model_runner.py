@@ -74,6 +74,10 @@ class ModelRunner:
         self.native_decode = native.decode_attention_supported(
             self.device, kv_cache.dtype, head_dim
         )
+        # Prefill attention in bf16 from the blocks in place (2-4x SDPA's, which gathers them).
+        self.native_prefill = native.prefill_attention_supported(
+            self.device, kv_cache.dtype, head_dim
+        )
         # Small steps of single-token decodes and speculative rows run as one native call.
         self.decode_plan = model.decode_plan(kv_cache) if self.native_decode else None
 
@@ -177,6 +181,7 @@ class ModelRunner:
             slot_mapping=self._tensor(slots),
             prefills=tuple(prefills),
             num_prefill_tokens=sum(p.num_tokens for p in prefills),
+            prefill_native=self.native_prefill,
             **self._decode_metadata(decodes),
         )
         rows = [r for chunk in chunks for r in rows_of[id(chunk)]]

@@ -2,8 +2,9 @@
 
 `paged_attention.cpp` (decode attention on the paged cache), `int8_linear.cpp` (the passes
 around an int8 GEMM), `int4_linear.cpp` (an int4 x int8 VNNI kernel for a few rows),
-`rms_norm.cpp` and `decode_step.cpp` (a whole decode step of a dense
-Llama-family model in one call) are compiled against the installed torch (ATen's
+`rms_norm.cpp`, `decode_step.cpp` (a whole decode step of a dense
+Llama-family model in one call) and `prefill_attention.cpp` (causal prefill attention in bf16
+on the paged cache) are compiled against the installed torch (ATen's
 `parallel_for` runs on torch's own OpenMP runtime: torch ships `libgomp.so.1`, which the loader
 shares) into a shared library cached under `$TALKLOOP_CACHE_DIR` (default
 `~/.cache/talkloop/kernels`), keyed by the sources, torch's version, the compiler, its flags
@@ -38,10 +39,11 @@ SOURCES = tuple(
         "int4_linear.cpp",
         "rms_norm.cpp",
         "decode_step.cpp",
+        "prefill_attention.cpp",
     )
 )
 HEADERS = (Path(__file__).with_name("scalar.h"),)  # part of the cache key, not compiled alone
-ABI_VERSION = 5
+ABI_VERSION = 6
 BUILD_TIMEOUT_S = 300
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 ENABLE_ENV = "TALKLOOP_NATIVE_KERNELS"
@@ -145,6 +147,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.talkloop_decode_step.argtypes = [pointer, pointer, pointer, size, *[pointer] * 3, size]
     lib.talkloop_decode_step.argtypes += [pointer, pointer, size]
     lib.talkloop_decode_step.restype = ctypes.c_int
+    lib.talkloop_prefill_attention_supported.argtypes = [size]
+    lib.talkloop_prefill_attention_supported.restype = ctypes.c_int
+    lib.talkloop_prefill_attention_bf16.argtypes = [pointer, pointer, size, pointer, pointer]
+    lib.talkloop_prefill_attention_bf16.argtypes += [pointer, *[size] * 7, ctypes.c_float]
+    lib.talkloop_prefill_attention_bf16.restype = None
     lib.talkloop_abi_version.restype = ctypes.c_int
     lib.talkloop_max_head_dim.restype = ctypes.c_int64
 
@@ -255,6 +262,61 @@ def _call(
         num_blocks,
         block_size,
         tables.shape[1],
+        scale,
+    )
+
+
+def prefill_attention_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether `prefill_attention` serves this cache: bf16 on a CPU with AVX-512 BF16."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return False
+    lib = library()
+    return lib is not None and bool(lib.talkloop_prefill_attention_supported(head_dim))
+
+
+def prefill_attention(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_len: int,
+    scale: float,
+) -> None:
+    """Causal attention of a chunk's n new queries q [n, H, D] (the last n of `context_len`
+    positions; rows may be strided, heads must be dense) over its blocks of the
+    [Hkv, blocks, block_size, D] caches, written into out [n, H, D] (contiguous). All bf16."""
+    lib = library()
+    assert lib is not None, "check prefill_attention_supported() first"
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, num_blocks, block_size, _ = key_cache.shape
+    tensors = (out, q, key_cache, value_cache)
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in tensors):
+        raise ValueError("prefill attention takes bfloat16 CPU tensors (q, caches, out)")
+    if q.stride(2) != 1 or q.stride(1) != head_dim:
+        q = q.contiguous()
+    if not (out.is_contiguous() and key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise ValueError("prefill attention needs contiguous caches and output")
+    if not 0 < num_tokens <= context_len <= block_table.numel() * block_size:
+        raise ValueError(
+            f"{num_tokens} new tokens of a {context_len}-token context do not fit "
+            f"{block_table.numel()} blocks of {block_size}"
+        )
+    table = block_table.to(torch.int64).contiguous()
+    lib.talkloop_prefill_attention_bf16(
+        out.data_ptr(),
+        q.data_ptr(),
+        q.stride(0),
+        key_cache.data_ptr(),
+        value_cache.data_ptr(),
+        table.data_ptr(),
+        num_tokens,
+        context_len,
+        num_kv_heads,
+        num_heads // num_kv_heads,
+        head_dim,
+        num_blocks,
+        block_size,
         scale,
     )
 
