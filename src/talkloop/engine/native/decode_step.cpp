@@ -21,6 +21,7 @@
 #include <c10/core/InferenceMode.h>
 
 #include "scalar.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -187,7 +188,9 @@ void add_into(T* x, const T* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) from_float(to_float(x[i]) + to_float(y[i]), x + i);
 }
 
-// gate_up [B, 2I] -> silu(gate) * up [B, I], each op rounded to T.
+// gate_up [B, 2I] -> silu(gate) * up [B, I], each op rounded to T. With AVX-512, 16 lanes
+// at a time with a polynomial e^x (~2e-7 relative error; libm's scalar expf cost 7% of a
+// 32-row step).
 template <typename T>
 void silu_mul(const T* gate_up, int64_t rows, int64_t inter, T* out) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / inter), [&](int64_t begin, int64_t end) {
@@ -195,8 +198,19 @@ void silu_mul(const T* gate_up, int64_t rows, int64_t inter, T* out) {
       const T* gate = gate_up + r * 2 * inter;
       const T* up = gate + inter;
       T* dst = out + r * inter;
-#pragma omp simd
-      for (int64_t i = 0; i < inter; ++i) {
+      int64_t i = 0;
+#ifdef TALKLOOP_AVX512
+      using talkloop::load16;
+      const __m512 one = _mm512_set1_ps(1.f);
+      for (; i < inter; i += 16) {
+        const __mmask16 m = talkloop::tail_mask(inter - i);
+        const __m512 g = load16(gate + i, m);
+        const __m512 e = talkloop::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        const __m512 act = talkloop::as_stored16(_mm512_div_ps(g, _mm512_add_ps(one, e)), T{});
+        talkloop::store16(dst + i, _mm512_mul_ps(act, load16(up + i, m)), m);
+      }
+#endif
+      for (; i < inter; ++i) {
         const float g = to_float(gate[i]);
         const float act = as_stored(g / (1.f + std::exp(-g)), T{});
         from_float(act * to_float(up[i]), dst + i);

@@ -20,14 +20,14 @@
 #include <ATen/Parallel.h>
 
 #include "scalar.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
+#ifdef TALKLOOP_AVX512
 #define TALKLOOP_INT8_AVX512 1
 #endif
 
@@ -37,22 +37,9 @@ using talkloop::from_float;
 using talkloop::to_float;
 
 #ifdef TALKLOOP_INT8_AVX512
-// 16 lanes at a time; `m` masks the row's tail.
-inline __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(left, 0)) - 1);
-}
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const uint16_t* p, __mmask16 m) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-inline void store16(uint16_t* p, __m512 v, __mmask16 m) {  // round to nearest even
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
-}
+using talkloop::load16;  // 16 lanes at a time; a mask (`tail_mask`) covers the row's tail
+using talkloop::store16;
+using talkloop::tail_mask;
 
 template <typename T>
 float row_amax(const T* row, int64_t cols, const uint8_t* keep) {

@@ -17,18 +17,24 @@
 #include <ATen/Parallel.h>
 
 #include "scalar.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#ifdef TALKLOOP_AVX512
 #define TALKLOOP_ATTENTION_AVX512 1
-#include <immintrin.h>
 #else
 #define TALKLOOP_ATTENTION_AVX512 0
+#endif
+#if TALKLOOP_ATTENTION_AVX512 && defined(__AVX512BF16__)
+#define TALKLOOP_ATTENTION_BF16 1
+#else
+#define TALKLOOP_ATTENTION_BF16 0
 #endif
 
 namespace {
@@ -52,12 +58,8 @@ constexpr int64_t kMaxHeadDim = 512;
 
 #if TALKLOOP_ATTENTION_AVX512
 
-// 16 floats from 16 stored elements (bf16: its bits are a float's top half).
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
+using talkloop::load16;  // 16 floats from 16 stored elements
+using talkloop::tail_mask;
 
 constexpr int64_t kMaxGroup = 16;  // query heads per kv head on the vectorized path
 
@@ -145,6 +147,95 @@ void value_sum_avx512(const float* probs /* [G, stride] */, int64_t group, const
     for (int64_t g = 0; g < group; ++g) _mm512_storeu_ps(acc + g * D + 16 * c, sums[g]);
   }
 }
+
+#if TALKLOOP_ATTENTION_BF16
+// bf16 caches with AVX-512 BF16: the same two passes on `vdpbf16ps` (32 bf16 products into 16
+// float32 lanes), about twice the arithmetic rate of converting to float32 and FMAs, and no
+// conversions. Scores: each key's D / 32 vectors times the query's, summed across lanes by
+// `sum16`. Value sums: keys in pairs, each pair's rows interleaved channel by channel
+// (unpacklo/hi), times the pair's probabilities, rounded to bf16 (as flash attention does).
+constexpr int64_t kMaxGroupBf16 = 8;  // 2 x G accumulators per 32 channels stay in registers
+
+inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
+
+template <int D>
+void scores_bf16(const uint16_t* query /* [G, D] */, int64_t group, float scale,
+                 const uint16_t* keys, const int64_t* table, int64_t length, int64_t block_size,
+                 float* scores /* [G, round_up(length, 16)] */) {
+  constexpr int kChunks = D / 32;
+  const int64_t stride = (length + 15) / 16 * 16;
+  __m512bh q[kMaxGroupBf16][kChunks];
+  for (int64_t g = 0; g < group; ++g)
+    for (int c = 0; c < kChunks; ++c) q[g][c] = as_bh(_mm512_loadu_si512(query + g * D + 32 * c));
+  alignas(64) __m512 partial[kMaxGroupBf16][16];
+  const __m512 scale16 = _mm512_set1_ps(scale);
+  int64_t pos = 0;
+  int filled = 0;
+  auto flush = [&](int64_t first) {
+    for (int i = filled; i < 16; ++i)
+      for (int64_t g = 0; g < group; ++g) partial[g][i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < group; ++g) {
+      alignas(64) float sums[16];
+      _mm512_store_ps(sums, _mm512_mul_ps(sum16(partial[g]), scale16));
+      std::memcpy(scores + g * stride + first, sums, filled * sizeof(float));
+    }
+    filled = 0;
+  };
+  for (int64_t blk = 0; pos < length; ++blk) {
+    const uint16_t* k = keys + table[blk] * block_size * D;
+    const int64_t count = std::min(block_size, length - pos);
+    for (int64_t t = 0; t < count; ++t, k += D) {
+      __m512bh key[kChunks];
+      for (int c = 0; c < kChunks; ++c) key[c] = as_bh(_mm512_loadu_si512(k + 32 * c));
+      for (int64_t g = 0; g < group; ++g) {
+        __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), key[0], q[g][0]);
+        for (int c = 1; c < kChunks; ++c) p = _mm512_dpbf16_ps(p, key[c], q[g][c]);
+        partial[g][filled] = p;
+      }
+      if (++filled == 16) flush(pos + t + 1 - 16);
+    }
+    pos += count;
+  }
+  if (filled) flush(pos - filled);
+}
+
+template <int D>
+void value_sum_bf16(const uint16_t* probs /* bf16 [G, stride], 0 past length */, int64_t group,
+                    const uint16_t* values, const int64_t* table, int64_t length,
+                    int64_t block_size, float* acc /* [G, D] */) {
+  const int64_t stride = (length + 15) / 16 * 16;
+  const uint32_t* pairs = reinterpret_cast<const uint32_t*>(probs);  // [G, stride / 2]
+  alignas(64) static const uint16_t zeros[D] = {};
+  // After unpacking, lane 4L + e of `lo` holds channel 8L + e of the chunk, of `hi` 8L + 4 + e:
+  // these indices put channels 0..15 and 16..31 back in order (lo is 0..15, hi 16..31).
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second =
+      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int c = 0; c < D / 32; ++c) {
+    __m512 lo[kMaxGroupBf16], hi[kMaxGroupBf16];
+    for (int64_t g = 0; g < group; ++g) lo[g] = hi[g] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < length; k += 2) {
+      const uint16_t* a = values + (table[k / block_size] * block_size + k % block_size) * D;
+      const uint16_t* b =
+          k + 1 < length
+              ? values + (table[(k + 1) / block_size] * block_size + (k + 1) % block_size) * D
+              : zeros;
+      const __m512i ra = _mm512_loadu_si512(a + 32 * c), rb = _mm512_loadu_si512(b + 32 * c);
+      const __m512bh vlo = as_bh(_mm512_unpacklo_epi16(ra, rb));
+      const __m512bh vhi = as_bh(_mm512_unpackhi_epi16(ra, rb));
+      for (int64_t g = 0; g < group; ++g) {
+        const __m512bh p = as_bh(_mm512_set1_epi32(pairs[g * (stride / 2) + k / 2]));
+        lo[g] = _mm512_dpbf16_ps(lo[g], vlo, p);
+        hi[g] = _mm512_dpbf16_ps(hi[g], vhi, p);
+      }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      _mm512_storeu_ps(acc + g * D + 32 * c, _mm512_permutex2var_ps(lo[g], first, hi[g]));
+      _mm512_storeu_ps(acc + g * D + 32 * c + 16, _mm512_permutex2var_ps(lo[g], second, hi[g]));
+    }
+  }
+}
+#endif
 #endif
 
 template <typename T, typename OutT>
@@ -159,8 +250,14 @@ void decode(OutT* out, float* lse, const T* q, const T* key_cache, const T* valu
 #else
   const bool vectorized = false;
 #endif
+#if TALKLOOP_ATTENTION_BF16
+  const bool dot_bf16 = std::is_same_v<T, uint16_t> && vectorized && group <= kMaxGroupBf16;
+#else
+  const bool dot_bf16 = false;
+#endif
   at::parallel_for(0, num_kv_heads * batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> query(group * head_dim), acc(group * head_dim), scores;
+    std::vector<uint16_t> probs;  // bf16, for the bf16 value sum
     std::vector<float> peak(group), total(group);
     float row[kMaxHeadDim];
     for (int64_t item = begin; item < end; ++item) {
@@ -176,7 +273,18 @@ void decode(OutT* out, float* lse, const T* q, const T* key_cache, const T* valu
       }
       scores.resize(group * stride);
       const int64_t used_blocks = (length + block_size - 1) / block_size;
-      if (vectorized) {
+      if (dot_bf16) {
+#if TALKLOOP_ATTENTION_BF16
+        if constexpr (std::is_same_v<T, uint16_t>) {
+          const uint16_t* rows = q + (b * num_heads + h * group) * head_dim;  // G rows
+          if (head_dim == 64) {
+            scores_bf16<64>(rows, group, scale, keys, table, length, block_size, scores.data());
+          } else {
+            scores_bf16<128>(rows, group, scale, keys, table, length, block_size, scores.data());
+          }
+        }
+#endif
+      } else if (vectorized) {
 #if TALKLOOP_ATTENTION_AVX512
         if (head_dim == 64) {
           scores_avx512<64>(query.data(), group, keys, table, length, block_size, scores.data());
@@ -215,7 +323,26 @@ void decode(OutT* out, float* lse, const T* q, const T* key_cache, const T* valu
         peak[g] = m;
         total[g] = sum;
       }
-      if (vectorized) {
+      if (dot_bf16) {
+#if TALKLOOP_ATTENTION_BF16
+        if constexpr (std::is_same_v<T, uint16_t>) {
+          probs.resize(group * stride);
+          for (int64_t g = 0; g < group; ++g)
+            for (int64_t pos = 0; pos < stride; pos += 16) {  // 0 past the length
+              const __m512 p = load16(scores.data() + g * stride + pos, tail_mask(length - pos));
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs.data() + g * stride + pos),
+                                  (__m256i)_mm512_cvtneps_pbh(p));
+            }
+          if (head_dim == 64) {
+            value_sum_bf16<64>(probs.data(), group, values, table, length, block_size,
+                               acc.data());
+          } else {
+            value_sum_bf16<128>(probs.data(), group, values, table, length, block_size,
+                                acc.data());
+          }
+        }
+#endif
+      } else if (vectorized) {
 #if TALKLOOP_ATTENTION_AVX512
         if (head_dim == 64) {
           value_sum_avx512<64>(scores.data(), group, values, table, length, block_size, acc.data());

@@ -34,9 +34,10 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include "simd.h"
+
+#if defined(TALKLOOP_AVX512) && defined(__AVX512BF16__)
 #define TALKLOOP_PREFILL_BF16 1
-#include <immintrin.h>
 #else
 #define TALKLOOP_PREFILL_BF16 0
 #endif
@@ -54,25 +55,7 @@ inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
 inline __m512i as_int(__m512bh x) { return (__m512i)x; }
 inline __m256i as_int(__m256bh x) { return (__m256i)x; }
 
-// e^x, 16 lanes, for x <= 0 or -inf (scores less their running maximum): 2^n e^r with
-// |r| <= ln2 / 2 and a degree-6 polynomial, ~2e-7 relative error; -inf and x < -87 give 0.
-inline __m512 exp16(__m512 x) {
-  const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), clamped);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  const __m512 e = _mm512_scalef_ps(p, n);
-  return _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_LT_OQ),
-                            _mm512_setzero_ps());
-}
+using talkloop::exp16;
 
 // Keys [D / 2][2][16] pairs (as uint32) and values [16 key pairs][D / 16][16][2] of one tile.
 template <int D>
