@@ -36,6 +36,9 @@
 extern "C" {
 void talkloop_rms_norm_f32(const float*, const float*, int64_t, int64_t, float, float*);
 void talkloop_rms_norm_bf16(const uint16_t*, const uint16_t*, int64_t, int64_t, float, uint16_t*);
+void talkloop_add_rms_norm_f32(float*, const float*, const float*, int64_t, int64_t, float, float*);
+void talkloop_add_rms_norm_bf16(uint16_t*, const uint16_t*, const uint16_t*, int64_t, int64_t,
+                                float, uint16_t*);
 void talkloop_decode_attention_f32(float*, float*, const float*, const float*, const float*,
                                    const int64_t*, const int64_t*, int64_t, int64_t, int64_t,
                                    int64_t, int64_t, int64_t, int64_t, float);
@@ -151,6 +154,17 @@ void rms_norm(const T* x, const T* weight, int64_t rows, int64_t cols, float eps
   }
 }
 
+// x += y (the residual add), then out = RMSNorm(x): one pass over the rows.
+template <typename T>
+void add_rms_norm(T* x, const T* y, const T* weight, int64_t rows, int64_t cols, float eps,
+                  T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    talkloop_add_rms_norm_f32(x, y, weight, rows, cols, eps, out);
+  } else {
+    talkloop_add_rms_norm_bf16(x, y, weight, rows, cols, eps, out);
+  }
+}
+
 // q, k rotated (transformers' rotate-half convention), then k and v stored at each row's slot.
 // qkv [B, (H + 2 Hkv) * D]; cos, sin [B, D / 2] float32; q_out [B, H, D];
 // caches [Hkv, num_blocks * block_size, D].
@@ -160,7 +174,8 @@ void rope_and_store(const T* qkv, const float* cos, const float* sin, const int6
   const int64_t dim = plan.head_dim, half = dim / 2, heads = plan.num_heads;
   const int64_t kv_heads = plan.num_kv_heads, width = (heads + 2 * kv_heads) * dim;
   const int64_t pool = plan.num_blocks * plan.block_size * dim;  // one kv head's pool
-  for (int64_t r = 0; r < rows; ++r) {
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
     const T* row = qkv + r * width;
     const float* c = cos + r * half;
     const float* s = sin + r * half;
@@ -180,12 +195,7 @@ void rope_and_store(const T* qkv, const float* cos, const float* sin, const int6
       std::memcpy(value_cache + h * pool + slots[r] * dim, row + (heads + kv_heads + h) * dim,
                   dim * sizeof(T));
   }
-}
-
-template <typename T>
-void add_into(T* x, const T* y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) from_float(to_float(x[i]) + to_float(y[i]), x + i);
+  });
 }
 
 // gate_up [B, 2I] -> silu(gate) * up [B, I], each op rounded to T. With AVX-512, 16 lanes
@@ -267,23 +277,28 @@ void step(const Plan& plan, const int64_t* token_ids, const int64_t* positions, 
   at::Tensor q = at::empty({rows, plan.num_heads * plan.head_dim}, options);
   at::Tensor attended = at::empty({rows, plan.num_heads * plan.head_dim}, options);
   at::Tensor act = at::empty({rows, plan.intermediate}, options);
-  for (const Layer& layer : plan.layers) {
+  // Each residual add is fused with the norm after it (the next layer's, or the final one).
+  rms_norm(residual, data<T>(plan.layers.front().input_norm), rows, hidden, plan.eps,
+           data<T>(normed));
+  for (size_t i = 0; i < plan.layers.size(); ++i) {
+    const Layer& layer = plan.layers[i];
     T* keys = static_cast<T*>(layer.key_cache);
     T* values = static_cast<T*>(layer.value_cache);
-    rms_norm(residual, data<T>(layer.input_norm), rows, hidden, plan.eps, data<T>(normed));
     at::Tensor qkv = layer.qkv(normed).contiguous();
     rope_and_store(data<T>(qkv), data<float>(cos), data<float>(sin), slots, rows, plan,
                    data<T>(q), keys, values);
     attention(data<T>(attended), data<T>(q), keys, values, tables, lens, rows, max_blocks, plan);
     at::Tensor o = layer.o_proj(attended).contiguous();
-    add_into(residual, data<T>(o), rows * hidden);
-    rms_norm(residual, data<T>(layer.post_norm), rows, hidden, plan.eps, data<T>(normed));
+    add_rms_norm(residual, data<T>(o), data<T>(layer.post_norm), rows, hidden, plan.eps,
+                 data<T>(normed));
     at::Tensor gate_up = layer.gate_up(normed).contiguous();
     silu_mul(data<T>(gate_up), rows, plan.intermediate, data<T>(act));
     at::Tensor down = layer.down(act).contiguous();
-    add_into(residual, data<T>(down), rows * hidden);
+    const bool last = i + 1 == plan.layers.size();
+    add_rms_norm(residual, data<T>(down),
+                 data<T>(last ? plan.final_norm : plan.layers[i + 1].input_norm), rows, hidden,
+                 plan.eps, last ? out : data<T>(normed));
   }
-  rms_norm(residual, data<T>(plan.final_norm), rows, hidden, plan.eps, out);
 }
 
 void set_error(char* error, int64_t capacity, const char* message) {
@@ -318,6 +333,7 @@ void* talkloop_decode_plan_create(const int64_t* header, const int64_t* layers,
         plan->head_dim % 2 != 0)
       throw std::runtime_error("unsupported head layout");
     const int64_t num_layers = header[6];
+    if (num_layers < 1) throw std::runtime_error("a decode plan needs at least one layer");
     plan->num_blocks = header[7];
     plan->block_size = header[8];
     plan->eps = eps;

@@ -267,7 +267,7 @@ void decode(OutT* out, float* lse, const T* q, const T* key_cache, const T* valu
       const int64_t* table = block_tables + b * max_blocks;
       const T* keys = key_cache + h * head_stride;
       const T* values = value_cache + h * head_stride;
-      for (int64_t g = 0; g < group; ++g) {
+      for (int64_t g = 0; g < group && !dot_bf16; ++g) {  // (the bf16 path reads q as stored)
         const T* qrow = q + (b * num_heads + h * group + g) * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) query[g * head_dim + d] = to_float(qrow[d]) * scale;
       }
