@@ -83,16 +83,22 @@ def test_step_equals_the_modules(kind: str, quantization: str, dtype: torch.dtyp
     got = plan.step(*(torch.tensor(v) for v in (token_ids, positions, slots)), tables,
                     torch.tensor(lens))  # fmt: skip
     assert got.dtype == dtype
-    # Same kernels, same rounding after every op: equal up to float summation order, which
-    # int4's per-group int8 activations can turn into one quantization step.
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-    if quantization == "int4" and native.int4_supported():
-        tolerance = 6e-2
-    torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
-    for mine, theirs in zip(
-        (*cache.keys, *cache.values), (*expected_cache.keys, *expected_cache.values), strict=True
-    ):
-        torch.testing.assert_close(mine, theirs, atol=tolerance, rtol=tolerance)
+    # Same kernels, same rounding after every op: equal up to float summation order. With the
+    # native int4 kernel's per-group int8 activations, a last-bit difference in float32 can
+    # move a value across a rounding boundary, and the flips spread through the layers of
+    # this random model: there the whole output must agree to a few percent of its norm.
+    pairs = [(got, expected)]
+    pools, expected_pools = (
+        (*cache.keys, *cache.values),
+        (*expected_cache.keys, *expected_cache.values),
+    )
+    pairs += zip(pools, expected_pools, strict=True)
+    for mine, theirs in pairs:
+        if quantization == "int4" and native.int4_supported() and dtype == torch.float32:
+            assert (mine - theirs).norm() <= 0.05 * theirs.norm()
+        else:
+            tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(mine, theirs, atol=tolerance, rtol=tolerance)
 
 
 def _generate(

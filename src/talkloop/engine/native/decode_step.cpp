@@ -175,26 +175,43 @@ void rope_and_store(const T* qkv, const float* cos, const float* sin, const int6
   const int64_t kv_heads = plan.num_kv_heads, width = (heads + 2 * kv_heads) * dim;
   const int64_t pool = plan.num_blocks * plan.block_size * dim;  // one kv head's pool
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-  for (int64_t r = begin; r < end; ++r) {
-    const T* row = qkv + r * width;
-    const float* c = cos + r * half;
-    const float* s = sin + r * half;
-    for (int64_t h = 0; h < heads + kv_heads; ++h) {
-      const T* x = row + h * dim;
-      T* dst = h < heads ? q_out + (r * heads + h) * dim
-                         : key_cache + (h - heads) * pool + slots[r] * dim;
-      for (int64_t d = 0; d < dim; ++d) {
-        const float cd = as_stored(c[d % half], T{}), sd = as_stored(s[d % half], T{});
-        const float rotated = d < half ? -to_float(x[d + half]) : to_float(x[d - half]);
-        const float a = as_stored(to_float(x[d]) * cd, T{});
-        const float b = as_stored(rotated * sd, T{});
-        from_float(a + b, dst + d);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = qkv + r * width;
+      const float* c = cos + r * half;
+      const float* s = sin + r * half;
+      for (int64_t h = 0; h < heads + kv_heads; ++h) {
+        const T* x = row + h * dim;
+        T* dst = h < heads ? q_out + (r * heads + h) * dim
+                           : key_cache + (h - heads) * pool + slots[r] * dim;
+        int64_t d = 0;
+#ifdef TALKLOOP_AVX512
+        if (half % 16 == 0) {  // 16 lanes at a time, within one half
+          using talkloop::as_stored16;
+          using talkloop::load16;
+          for (; d < dim; d += 16) {
+            const int64_t i = d < half ? d : d - half;  // index into cos and sin
+            const __m512 cd = as_stored16(_mm512_loadu_ps(c + i), T{});
+            const __m512 sd = as_stored16(_mm512_loadu_ps(s + i), T{});
+            const __m512 rotated = d < half ? _mm512_sub_ps(_mm512_setzero_ps(), load16(x + d + half))
+                                            : load16(x + d - half);
+            const __m512 a = as_stored16(_mm512_mul_ps(load16(x + d), cd), T{});
+            const __m512 b = as_stored16(_mm512_mul_ps(rotated, sd), T{});
+            talkloop::store16(dst + d, _mm512_add_ps(a, b));
+          }
+        }
+#endif
+        for (; d < dim; ++d) {
+          const float cd = as_stored(c[d % half], T{}), sd = as_stored(s[d % half], T{});
+          const float rotated = d < half ? -to_float(x[d + half]) : to_float(x[d - half]);
+          const float a = as_stored(to_float(x[d]) * cd, T{});
+          const float b = as_stored(rotated * sd, T{});
+          from_float(a + b, dst + d);
+        }
       }
+      for (int64_t h = 0; h < kv_heads; ++h)
+        std::memcpy(value_cache + h * pool + slots[r] * dim, row + (heads + kv_heads + h) * dim,
+                    dim * sizeof(T));
     }
-    for (int64_t h = 0; h < kv_heads; ++h)
-      std::memcpy(value_cache + h * pool + slots[r] * dim, row + (heads + kv_heads + h) * dim,
-                  dim * sizeof(T));
-  }
   });
 }
 

@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 
 #include "scalar.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <array>
@@ -31,9 +32,8 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(TALKLOOP_AVX512) && defined(__AVX512VNNI__)
 #define TALKLOOP_INT4_VNNI 1
-#include <immintrin.h>
 #else
 #define TALKLOOP_INT4_VNNI 0
 #endif
@@ -58,7 +58,25 @@ void quantize_groups(const T* x, int64_t rows, int64_t cols, int8_t* xq, float* 
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      for (int64_t g = 0; g < groups; ++g) {
+      int64_t g = 0;
+#if TALKLOOP_INT4_VNNI
+      for (; g < groups; ++g) {  // 2 x 16 lanes (rounding: MXCSR's nearest even, as below)
+        const T* src = x + r * cols + g * kGroup;
+        const __m512 v0 = talkloop::load16(src), v1 = talkloop::load16(src + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        const __m512 low = _mm512_set1_ps(-127.f), high = _mm512_set1_ps(127.f);
+        int8_t* dst = xq + r * cols + g * kGroup;
+        for (int half = 0; half < 2; ++half) {
+          const __m512 scaled = _mm512_mul_ps(half ? v1 : v0, inv);
+          const __m512i q = _mm512_cvtps_epi32(_mm512_min_ps(high, _mm512_max_ps(low, scaled)));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16 * half), _mm512_cvtsepi32_epi8(q));
+        }
+        dx[r * groups + g] = amax / 127.f;
+        xsum[r * groups + g] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+      }
+#endif
+      for (; g < groups; ++g) {
         const T* src = x + r * cols + g * kGroup;
         float values[kGroup];
         float amax = 0.f, sum = 0.f;
