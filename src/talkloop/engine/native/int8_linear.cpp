@@ -68,32 +68,40 @@ void quantize_row(const T* row, int64_t cols, float inv, int8_t* out) {
   }
 }
 
-// One row of the scaling pass, 64 columns (4 registers) at a time so that the outlier terms
-// accumulate in registers: out = acc * (row_scale * col_scale) + x_out . w_out + bias.
-template <typename OutT>
-void dequantize_row(const int32_t* in, int64_t cols, float row_scale, const float* col_scales,
-                    const OutT* bias, const float* outlier_x, const float* outlier_w,
-                    int64_t num_outliers, OutT* dst) {
-  const __m512 rs = _mm512_set1_ps(row_scale);
+// ROWS rows of the scaling pass, 64 columns (4 registers per row) at a time so that the
+// outlier terms accumulate in registers, each outlier weight vector loaded once for all ROWS
+// rows (the weights of a wide layer's outliers live in L2, whose bandwidth bound the pass at
+// one row per load): out = acc * (row_scale * col_scale) + x_out . w_out + bias.
+template <int ROWS, typename OutT>
+void dequantize_rows(const int32_t* in, int64_t cols, const float* row_scales,
+                     const float* col_scales, const OutT* bias, const float* outlier_x,
+                     const float* outlier_w, int64_t num_outliers, OutT* dst) {
   for (int64_t c0 = 0; c0 < cols; c0 += 64) {
-    __m512 sum[4];
+    __m512 sum[ROWS][4];
     __mmask16 m[4];
     for (int u = 0; u < 4; ++u) {
       const int64_t c = c0 + 16 * u;
       m[u] = tail_mask(cols - c);
-      const __m512 scale = _mm512_mul_ps(rs, _mm512_maskz_loadu_ps(m[u], col_scales + c));
-      sum[u] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m[u], in + c)), scale);
+      const __m512 col = _mm512_maskz_loadu_ps(m[u], col_scales + c);
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(row_scales[r]), col);
+        const __m512i values = _mm512_maskz_loadu_epi32(m[u], in + r * cols + c);
+        sum[r][u] = _mm512_mul_ps(_mm512_cvtepi32_ps(values), scale);
+      }
     }
     for (int64_t j = 0; j < num_outliers; ++j) {
-      const __m512 x = _mm512_set1_ps(outlier_x[j]);
       const float* w = outlier_w + j * cols + c0;
-      for (int u = 0; u < 4; ++u)
-        sum[u] = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(m[u], w + 16 * u), sum[u]);
+      __m512 weights[4];
+      for (int u = 0; u < 4; ++u) weights[u] = _mm512_maskz_loadu_ps(m[u], w + 16 * u);
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512 x = _mm512_set1_ps(outlier_x[r * num_outliers + j]);
+        for (int u = 0; u < 4; ++u) sum[r][u] = _mm512_fmadd_ps(x, weights[u], sum[r][u]);
+      }
     }
     for (int u = 0; u < 4; ++u) {
       const int64_t c = c0 + 16 * u;
-      if (bias != nullptr) sum[u] = _mm512_add_ps(sum[u], load16(bias + c, m[u]));
-      store16(dst + c, sum[u], m[u]);
+      const __m512 b = bias != nullptr ? load16(bias + c, m[u]) : _mm512_setzero_ps();
+      for (int r = 0; r < ROWS; ++r) store16(dst + r * cols + c, _mm512_add_ps(sum[r][u], b), m[u]);
     }
   }
 }
@@ -148,9 +156,15 @@ void dequantize(const int32_t* acc, int64_t rows, int64_t cols, const float* row
   constexpr int64_t kTile = 256;  // columns per pass: the partial sums stay in L1
   at::parallel_for(0, rows, grain(cols), [&](int64_t begin, int64_t end) {
 #ifdef TALKLOOP_INT8_AVX512
-    for (int64_t r = begin; r < end; ++r)
-      dequantize_row(acc + r * cols, cols, row_scales[r], col_scales, bias,
-                     outlier_x + r * num_outliers, outlier_w, num_outliers, out + r * cols);
+    constexpr int64_t kRows = 4;
+    int64_t r = begin;
+    for (; r + kRows <= end; r += kRows)
+      dequantize_rows<kRows>(acc + r * cols, cols, row_scales + r, col_scales, bias,
+                             outlier_x + r * num_outliers, outlier_w, num_outliers,
+                             out + r * cols);
+    for (; r < end; ++r)
+      dequantize_rows<1>(acc + r * cols, cols, row_scales + r, col_scales, bias,
+                         outlier_x + r * num_outliers, outlier_w, num_outliers, out + r * cols);
 #else
     float buf[kTile];
     for (int64_t r = begin; r < end; ++r) {
