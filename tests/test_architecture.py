@@ -1,6 +1,7 @@
 """The import direction of DESIGN.md: lower layers never import higher ones."""
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,16 @@ def test_checker_catches_a_bad_import(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("from talkloop.server import app\nimport talkloop.engine.config\n")
     assert _imported_talkloop_packages(bad) == {"server", "engine"}
+
+
+def test_openmp_workers_spin_briefly_unless_the_environment_says_otherwise() -> None:
+    import subprocess
+    import sys
+
+    probe = "import os, talkloop; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    default = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert default.stdout.strip() == "10000", default.stderr
+    env["GOMP_SPINCOUNT"] = "250"
+    chosen = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert chosen.stdout.strip() == "250", chosen.stderr
