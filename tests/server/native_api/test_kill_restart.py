@@ -77,7 +77,9 @@ def test_sigkill_mid_stream_leaves_the_conversation_intact(data_dir: Path) -> No
             conversation = http.post("/api/conversations", json={"character_id": character["id"]})
             conversation_id = conversation.json()["id"]
             url = f"/api/conversations/{conversation_id}/messages"
-            body = {"content": "Tell me a long story.", "max_tokens": 200, "ignore_eos": True}
+            # Far longer than the 1.5 s before the kill at any speed the engine reaches (200
+            # tokens once did; the engine now decodes them in under 1.5 s on one thread).
+            body = {"content": "Tell me a long story.", "max_tokens": 2000, "ignore_eos": True}
             received, reply_id, first_delta_at = "", None, None
             with http.stream("POST", url, json=body) as stream:
                 event = None
