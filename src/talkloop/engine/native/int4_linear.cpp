@@ -49,23 +49,22 @@ constexpr int64_t kTile = 16;
 constexpr int64_t kBlockBytes = 256 + 2 * kTile * 2;
 constexpr int64_t kRowBlock = 8;  // rows sharing one unpacking of a weight block
 
-// Per row and group of 32: the int8 values (symmetric, round half to even), their scale, and
-// the group's float sum (for the min term).
+#if TALKLOOP_INT4_VNNI
+// Per row and group of 32: the int8 values (symmetric, round half to even: MXCSR's rounding),
+// their scale, and the group's float sum (for the min term); 2 x 16 lanes per group.
 template <typename T>
 void quantize_groups(const T* x, int64_t rows, int64_t cols, int8_t* xq, float* dx, float* xsum) {
   const int64_t groups = cols / kGroup;
+  const __m512 low = _mm512_set1_ps(-127.f), high = _mm512_set1_ps(127.f);
   // Rows in parallel once there are enough of them to pay for waking the other threads.
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      int64_t g = 0;
-#if TALKLOOP_INT4_VNNI
-      for (; g < groups; ++g) {  // 2 x 16 lanes (rounding: MXCSR's nearest even, as below)
+      for (int64_t g = 0; g < groups; ++g) {
         const T* src = x + r * cols + g * kGroup;
         const __m512 v0 = talkloop::load16(src), v1 = talkloop::load16(src + 16);
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
         const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-        const __m512 low = _mm512_set1_ps(-127.f), high = _mm512_set1_ps(127.f);
         int8_t* dst = xq + r * cols + g * kGroup;
         for (int half = 0; half < 2; ++half) {
           const __m512 scaled = _mm512_mul_ps(half ? v1 : v0, inv);
@@ -75,29 +74,10 @@ void quantize_groups(const T* x, int64_t rows, int64_t cols, int8_t* xq, float* 
         dx[r * groups + g] = amax / 127.f;
         xsum[r * groups + g] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
       }
-#endif
-      for (; g < groups; ++g) {
-        const T* src = x + r * cols + g * kGroup;
-        float values[kGroup];
-        float amax = 0.f, sum = 0.f;
-        for (int64_t k = 0; k < kGroup; ++k) {
-          values[k] = to_float(src[k]);
-          amax = std::max(amax, std::fabs(values[k]));
-          sum += values[k];
-        }
-        const float d = amax / 127.f;
-        const float inv = amax > 0.f ? 127.f / amax : 0.f;
-        int8_t* dst = xq + r * cols + g * kGroup;
-        for (int64_t k = 0; k < kGroup; ++k)
-          dst[k] = static_cast<int8_t>(std::nearbyint(std::clamp(values[k] * inv, -127.f, 127.f)));
-        dx[r * groups + g] = d;
-        xsum[r * groups + g] = sum;
-      }
     }
   });
 }
 
-#if TALKLOOP_INT4_VNNI
 // Rows [0, ROWS) of xq (already offset) against tile `tile` (its groups' blocks): 16 outputs
 // per row added into y (already offset to the tile's first column).
 template <int ROWS>

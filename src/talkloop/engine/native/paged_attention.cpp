@@ -83,15 +83,17 @@ inline __m512 sum16(const __m512* v) {
                        _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
 }
 
-// One (kv head, sequence) item with head_dim D (a multiple of 16): scores of the G queries
-// against 16 keys at a time (one partial vector per key, then `sum16`)...
-template <int D, typename T>
-void scores_avx512(const float* query /* [G, D], scaled */, int64_t group, const T* keys,
-                   const int64_t* table, int64_t length, int64_t block_size,
-                   float* scores /* [G, round_up(length, 16)] */) {
-  constexpr int kChunks = D / 16;
+// Scores of one (kv head, sequence) item's G queries against its keys, 16 keys at a time:
+// `dot(key, slot, partial)` writes each query's partial vector for `key` (a row of the cache)
+// to partial[g][slot]; every 16 keys, each query's 16 partial vectors are summed across lanes
+// (`sum16`), times `scale`, into scores [G, round_up(length, 16)].
+template <typename T, typename Dot>
+void score_keys(int64_t group, int64_t head_dim, float scale, const T* keys,
+                const int64_t* table, int64_t length, int64_t block_size, float* scores,
+                Dot dot) {
   const int64_t stride = (length + 15) / 16 * 16;
   alignas(64) __m512 partial[kMaxGroup][16];  // per query: one partial vector per key
+  const __m512 scale16 = _mm512_set1_ps(scale);
   int64_t pos = 0;  // of the next key
   int filled = 0;
   auto flush = [&](int64_t first) {
@@ -99,28 +101,40 @@ void scores_avx512(const float* query /* [G, D], scaled */, int64_t group, const
       for (int64_t g = 0; g < group; ++g) partial[g][i] = _mm512_setzero_ps();
     for (int64_t g = 0; g < group; ++g) {
       alignas(64) float sums[16];
-      _mm512_store_ps(sums, sum16(partial[g]));
+      _mm512_store_ps(sums, _mm512_mul_ps(sum16(partial[g]), scale16));
       std::memcpy(scores + g * stride + first, sums, filled * sizeof(float));
     }
     filled = 0;
   };
   for (int64_t blk = 0; pos < length; ++blk) {
-    const T* k = keys + table[blk] * block_size * D;
+    const T* k = keys + table[blk] * block_size * head_dim;
     const int64_t count = std::min(block_size, length - pos);
-    for (int64_t t = 0; t < count; ++t, k += D) {
-      __m512 key[kChunks];  // converted once for all G queries
-      for (int c = 0; c < kChunks; ++c) key[c] = load16(k + 16 * c);
-      for (int64_t g = 0; g < group; ++g) {
-        const float* qg = query + g * D;
-        __m512 p = _mm512_mul_ps(_mm512_loadu_ps(qg), key[0]);
-        for (int c = 1; c < kChunks; ++c) p = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), key[c], p);
-        partial[g][filled] = p;
-      }
+    for (int64_t t = 0; t < count; ++t, k += head_dim) {
+      dot(k, filled, partial);
       if (++filled == 16) flush(pos + t + 1 - 16);
     }
     pos += count;
   }
   if (filled) flush(pos - filled);
+}
+
+// Float32 products: each key converted once for all G (already scaled) queries...
+template <int D, typename T>
+void scores_avx512(const float* query /* [G, D], scaled */, int64_t group, const T* keys,
+                   const int64_t* table, int64_t length, int64_t block_size, float* scores) {
+  constexpr int kChunks = D / 16;
+  score_keys(group, D, 1.f, keys, table, length, block_size, scores,
+             [&](const T* k, int slot, __m512 (*partial)[16]) {
+               __m512 key[kChunks];
+               for (int c = 0; c < kChunks; ++c) key[c] = load16(k + 16 * c);
+               for (int64_t g = 0; g < group; ++g) {
+                 const float* qg = query + g * D;
+                 __m512 p = _mm512_mul_ps(_mm512_loadu_ps(qg), key[0]);
+                 for (int c = 1; c < kChunks; ++c)
+                   p = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), key[c], p);
+                 partial[g][slot] = p;
+               }
+             });
 }
 
 // ... and the value sum, one 16-wide chunk of the output at a time with the G accumulators in
@@ -163,48 +177,34 @@ void scores_bf16(const uint16_t* query /* [G, D] */, int64_t group, float scale,
                  const uint16_t* keys, const int64_t* table, int64_t length, int64_t block_size,
                  float* scores /* [G, round_up(length, 16)] */) {
   constexpr int kChunks = D / 32;
-  const int64_t stride = (length + 15) / 16 * 16;
   __m512bh q[kMaxGroupBf16][kChunks];
   for (int64_t g = 0; g < group; ++g)
     for (int c = 0; c < kChunks; ++c) q[g][c] = as_bh(_mm512_loadu_si512(query + g * D + 32 * c));
-  alignas(64) __m512 partial[kMaxGroupBf16][16];
-  const __m512 scale16 = _mm512_set1_ps(scale);
-  int64_t pos = 0;
-  int filled = 0;
-  auto flush = [&](int64_t first) {
-    for (int i = filled; i < 16; ++i)
-      for (int64_t g = 0; g < group; ++g) partial[g][i] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < group; ++g) {
-      alignas(64) float sums[16];
-      _mm512_store_ps(sums, _mm512_mul_ps(sum16(partial[g]), scale16));
-      std::memcpy(scores + g * stride + first, sums, filled * sizeof(float));
-    }
-    filled = 0;
-  };
-  for (int64_t blk = 0; pos < length; ++blk) {
-    const uint16_t* k = keys + table[blk] * block_size * D;
-    const int64_t count = std::min(block_size, length - pos);
-    for (int64_t t = 0; t < count; ++t, k += D) {
-      __m512bh key[kChunks];
-      for (int c = 0; c < kChunks; ++c) key[c] = as_bh(_mm512_loadu_si512(k + 32 * c));
-      for (int64_t g = 0; g < group; ++g) {
-        __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), key[0], q[g][0]);
-        for (int c = 1; c < kChunks; ++c) p = _mm512_dpbf16_ps(p, key[c], q[g][c]);
-        partial[g][filled] = p;
-      }
-      if (++filled == 16) flush(pos + t + 1 - 16);
-    }
-    pos += count;
-  }
-  if (filled) flush(pos - filled);
+  score_keys(group, D, scale, keys, table, length, block_size, scores,
+             [&](const uint16_t* k, int slot, __m512 (*partial)[16]) {
+               __m512bh key[kChunks];
+               for (int c = 0; c < kChunks; ++c) key[c] = as_bh(_mm512_loadu_si512(k + 32 * c));
+               for (int64_t g = 0; g < group; ++g) {
+                 __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), key[0], q[g][0]);
+                 for (int c = 1; c < kChunks; ++c) p = _mm512_dpbf16_ps(p, key[c], q[g][c]);
+                 partial[g][slot] = p;
+               }
+             });
 }
 
 template <int D>
-void value_sum_bf16(const uint16_t* probs /* bf16 [G, stride], 0 past length */, int64_t group,
-                    const uint16_t* values, const int64_t* table, int64_t length,
-                    int64_t block_size, float* acc /* [G, D] */) {
+void value_sum_bf16(const float* probs /* [G, stride] */, int64_t group, const uint16_t* values,
+                    const int64_t* table, int64_t length, int64_t block_size,
+                    std::vector<uint16_t>& scratch, float* acc /* [G, D] */) {
   const int64_t stride = (length + 15) / 16 * 16;
-  const uint32_t* pairs = reinterpret_cast<const uint32_t*>(probs);  // [G, stride / 2]
+  scratch.resize(group * stride);  // the probabilities in bf16, 0 past the length
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t pos = 0; pos < stride; pos += 16) {
+      const __m512 p = load16(probs + g * stride + pos, tail_mask(length - pos));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(scratch.data() + g * stride + pos),
+                          (__m256i)_mm512_cvtneps_pbh(p));
+    }
+  const uint32_t* pairs = reinterpret_cast<const uint32_t*>(scratch.data());  // [G, stride / 2]
   alignas(64) static const uint16_t zeros[D] = {};
   // After unpacking, lane 4L + e of `lo` holds channel 8L + e of the chunk, of `hi` 8L + 4 + e:
   // these indices put channels 0..15 and 16..31 back in order (lo is 0..15, hi 16..31).
@@ -257,7 +257,7 @@ void decode(OutT* out, float* lse, const T* q, const T* key_cache, const T* valu
 #endif
   at::parallel_for(0, num_kv_heads * batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> query(group * head_dim), acc(group * head_dim), scores;
-    std::vector<uint16_t> probs;  // bf16, for the bf16 value sum
+    std::vector<uint16_t> probs;  // scratch: bf16 probabilities for the bf16 value sum
     std::vector<float> peak(group), total(group);
     float row[kMaxHeadDim];
     for (int64_t item = begin; item < end; ++item) {
@@ -326,18 +326,11 @@ void decode(OutT* out, float* lse, const T* q, const T* key_cache, const T* valu
       if (dot_bf16) {
 #if TALKLOOP_ATTENTION_BF16
         if constexpr (std::is_same_v<T, uint16_t>) {
-          probs.resize(group * stride);
-          for (int64_t g = 0; g < group; ++g)
-            for (int64_t pos = 0; pos < stride; pos += 16) {  // 0 past the length
-              const __m512 p = load16(scores.data() + g * stride + pos, tail_mask(length - pos));
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs.data() + g * stride + pos),
-                                  (__m256i)_mm512_cvtneps_pbh(p));
-            }
           if (head_dim == 64) {
-            value_sum_bf16<64>(probs.data(), group, values, table, length, block_size,
+            value_sum_bf16<64>(scores.data(), group, values, table, length, block_size, probs,
                                acc.data());
           } else {
-            value_sum_bf16<128>(probs.data(), group, values, table, length, block_size,
+            value_sum_bf16<128>(scores.data(), group, values, table, length, block_size, probs,
                                 acc.data());
           }
         }

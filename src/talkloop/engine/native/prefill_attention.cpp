@@ -166,11 +166,8 @@ void prefill(uint16_t* out, const uint16_t* q, int64_t q_stride, const uint16_t*
             s1 = _mm512_mask_mov_ps(s1, _mm512_cmp_ps_mask(upper, limit, _CMP_GT_OQ), minus_inf);
           }
           const float tile_max = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
+          // Finite from the first tile on: every row sees key 0.
           const float new_peak = std::max(peak[r], tile_max);
-          if (new_peak == -INFINITY) {  // nothing visible yet (cannot happen: key 0 always is)
-            std::memset(probs.data() + r * kKeys, 0, kKeys * sizeof(uint16_t));
-            continue;
-          }
           const __m512 m = _mm512_set1_ps(new_peak);
           const __m512 p0 = exp16(_mm512_sub_ps(s0, m));
           const __m512 p1 = exp16(_mm512_sub_ps(s1, m));
