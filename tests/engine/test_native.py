@@ -174,6 +174,22 @@ def test_rms_norm_equals_the_pytorch_order_of_operations(dtype: torch.dtype) -> 
     assert native.rms_norm(x.float(), trained, 1e-5) is None  # autograd: the PyTorch path
 
 
+@needs_kernel
+@pytest.mark.parametrize("cols", [1, 15, 16, 17, 49152])
+def test_argmax_kernel_picks_what_torch_picks(cols: int) -> None:
+    torch.manual_seed(cols)
+    wide = torch.randn(9, cols + 5)
+    x = wide[:, :cols]  # a row stride wider than the row
+    x[1] = 0.0  # all tied: the first index
+    x[2, cols // 2 :] = float("nan")  # NaN counts as the maximum, the first one wins
+    x[3] = float("-inf")
+    x[4, -1] = float("inf")
+    x[5, :: max(1, cols // 3)] = 7.0  # ties for the maximum in several 16-lane blocks
+    x[6] = float("nan")
+    assert torch.equal(native.argmax_rows(x), x.argmax(dim=-1))
+    assert native.argmax_rows(x[:0]).shape == (0,)
+
+
 needs_int4 = pytest.mark.skipif(
     not native.int4_supported(), reason="no AVX-512 VNNI: int4 layers use torch's kernel"
 )

@@ -98,13 +98,13 @@ class ModelRunner:
         sampled = None
         if sampled_seqs:
             batch = build_sampling_batch(sampled_seqs)
-            sample_logits = logits[self._tensor(sample_rows)]
+            sample_logits = self._rows(logits, sample_rows)
             if any(seq.grammar is not None for seq in sampled_seqs):
                 from talkloop.engine.structured.bitmask import apply_grammar_masks
 
                 apply_grammar_masks(sample_logits, [seq.grammar for seq in sampled_seqs])
             sampled = sample(sample_logits, batch)
-        verify_logits = logits[self._tensor(verify_rows)] if verify else None
+        verify_logits = self._rows(logits, verify_rows) if verify else None
         return RunnerOutput(sampled_seqs, sampled, verify, verify_logits)
 
     @torch.inference_mode()
@@ -186,6 +186,13 @@ class ModelRunner:
         )
         rows = [r for chunk in chunks for r in rows_of[id(chunk)]]
         return self._tensor(token_ids), self._tensor(positions), meta, self._tensor(rows)
+
+    def _rows(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """`logits[rows]`: a view when they are all rows in order (batched decode), else
+        `index_select` (advanced indexing copies [N, V] floats ~5x slower on CPU)."""
+        if len(rows) == logits.shape[0] and rows == list(range(len(rows))):
+            return logits
+        return logits.index_select(0, self._tensor(rows))
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

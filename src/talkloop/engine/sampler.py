@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from talkloop.engine.native import argmax_rows
+
 
 @dataclass(frozen=True)
 class SamplingBatch:
@@ -120,14 +122,14 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """logits [N, V] float32 -> one token per row (plus logprobs when asked)."""
     raw_logprobs = logits.log_softmax(dim=-1) if batch.max_num_logprobs is not None else None
     logits = apply_logit_bias(apply_penalties(logits, batch), batch)
-    token_ids = logits.argmax(dim=-1)
+    token_ids = argmax_rows(logits)
     if not batch.all_greedy:
         temperatures = batch.temperatures.clamp(min=1e-5).unsqueeze(1).to(logits.device)
         scaled = logits / temperatures
         if _needs_filtering(batch):
             scaled = apply_top_k_top_p_min_p(scaled, batch)
         probs = scaled.softmax(dim=-1)
-        sampled = (probs / _exponential_noise(probs, batch)).argmax(dim=-1)
+        sampled = argmax_rows(probs / _exponential_noise(probs, batch))
         token_ids = torch.where(batch.temperatures.to(logits.device) == 0, token_ids, sampled)
     return _with_logprobs(token_ids, raw_logprobs, batch.max_num_logprobs)
 

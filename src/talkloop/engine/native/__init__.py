@@ -3,8 +3,8 @@
 `paged_attention.cpp` (decode attention on the paged cache), `int8_linear.cpp` (the passes
 around an int8 GEMM), `int4_linear.cpp` (an int4 x int8 VNNI kernel for a few rows),
 `rms_norm.cpp`, `decode_step.cpp` (a whole decode step of a dense
-Llama-family model in one call) and `prefill_attention.cpp` (causal prefill attention in bf16
-on the paged cache) are compiled against the installed torch (ATen's
+Llama-family model in one call), `prefill_attention.cpp` (causal prefill attention in bf16
+on the paged cache) and `argmax.cpp` (greedy picks) are compiled against the installed torch (ATen's
 `parallel_for` runs on torch's own OpenMP runtime: torch ships `libgomp.so.1`, which the loader
 shares) into a shared library cached under `$TALKLOOP_CACHE_DIR` (default
 `~/.cache/talkloop/kernels`), keyed by the sources, torch's version, the compiler, its flags
@@ -40,11 +40,12 @@ SOURCES = tuple(
         "rms_norm.cpp",
         "decode_step.cpp",
         "prefill_attention.cpp",
+        "argmax.cpp",
     )
 )
 # Part of the cache key, not compiled alone.
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("scalar.h", "simd.h"))
-ABI_VERSION = 6
+ABI_VERSION = 7
 BUILD_TIMEOUT_S = 300
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 ENABLE_ENV = "TALKLOOP_NATIVE_KERNELS"
@@ -153,6 +154,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.talkloop_prefill_attention_bf16.argtypes = [pointer, pointer, size, pointer, pointer]
     lib.talkloop_prefill_attention_bf16.argtypes += [pointer, *[size] * 7, ctypes.c_float]
     lib.talkloop_prefill_attention_bf16.restype = None
+    lib.talkloop_argmax_rows_f32.argtypes = [pointer, size, size, size, pointer]
+    lib.talkloop_argmax_rows_f32.restype = None
     lib.talkloop_abi_version.restype = ctypes.c_int
     lib.talkloop_max_head_dim.restype = ctypes.c_int64
 
@@ -436,6 +439,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     weight = weight.contiguous()
     getattr(lib, f"talkloop_rms_norm_{_DTYPES[x.dtype]}")(
         x.data_ptr(), weight.data_ptr(), x.numel() // cols, cols, eps, out.data_ptr()
+    )
+    return out
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(dim=-1)` of a CPU float32 [N, V] tensor with unit column stride (the
+    same picks, NaN and ties included), natively when the kernels are built."""
+    lib = library()
+    if (
+        lib is None
+        or logits.dim() != 2
+        or logits.dtype != torch.float32
+        or logits.device.type != "cpu"
+        or logits.stride(1) != 1
+        or logits.shape[1] == 0
+    ):
+        return logits.argmax(dim=-1)
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    lib.talkloop_argmax_rows_f32(
+        logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0), out.data_ptr()
     )
     return out
 

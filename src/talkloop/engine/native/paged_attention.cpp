@@ -375,7 +375,7 @@ void decode(OutT* out, float* lse, const T* q, const T* key_cache, const T* valu
 
 extern "C" {
 
-int talkloop_abi_version() { return 6; }
+int talkloop_abi_version() { return 7; }
 int64_t talkloop_max_head_dim() { return kMaxHeadDim; }
 
 // out (q's dtype) = softmax(q K^T * scale) V over each row's first context_lens[b] positions.

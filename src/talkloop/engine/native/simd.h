@@ -2,6 +2,7 @@
 // (TALKLOOP_AVX512 is then 1).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
