@@ -9,16 +9,16 @@ Every request has a timeout and every run a deadline.
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 
 from chat_peers import SERVED_MODEL, Server
 from chat_workload import ChatTrace, UserSession
+from sse_client import STREAM_ERRORS, new_session, sse_events
 
 REQUEST_TIMEOUT_S = 900.0
 FILLER = (
@@ -51,7 +51,7 @@ def _failed(sent_s: float, start: float, error: str) -> RequestRecord:
 
 
 async def stream_chat(
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     server: Server,
     messages: list[dict[str, str]],
     max_tokens: int,
@@ -75,14 +75,8 @@ async def stream_chat(
     usage: dict[str, Any] = {}
     try:
         url = f"{server.base_url}/v1/chat/completions"
-        async with client.stream("POST", url, json=body, headers=headers) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                return _failed(sent_s, start, f"HTTP {response.status_code}: {text[:300]}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
+        async with sse_events(client, url, body, headers) as events:
+            async for chunk in events:
                 if "error" in chunk:
                     return _failed(sent_s, start, f"stream error: {chunk['error']}")
                 usage = chunk.get("usage") or usage
@@ -92,7 +86,7 @@ async def stream_chat(
                         first = first or time.perf_counter()
                         pieces.append(content)
                         num_chunks += 1
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+    except STREAM_ERRORS as exc:
         return _failed(sent_s, start, f"{type(exc).__name__}: {exc}")
     end = time.perf_counter()
     details = usage.get("prompt_tokens_details") or {}
@@ -107,15 +101,13 @@ async def stream_chat(
     )
 
 
-def new_client() -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
-    timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0)
-    return httpx.AsyncClient(limits=limits, timeout=timeout)
+def new_client() -> aiohttp.ClientSession:
+    return new_session(max_connections=128, timeout_s=REQUEST_TIMEOUT_S)
 
 
 # ---- trace ----------------------------------------------------------------------------------
 async def _run_user(
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     server: Server,
     trace: ChatTrace,
     user: UserSession,

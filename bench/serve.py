@@ -42,7 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import aiohttp
 import httpx
+
+from sse_client import HttpStatusError, new_session, sse_events
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -97,15 +100,12 @@ class Driver(Protocol):
 
 
 class HttpDriver:
-    """Streams `/v1/chat/completions` with a plain httpx client (cheap SSE parsing)."""
+    """Streams `/v1/chat/completions` with the benchmarks' aiohttp client (`sse_client`)."""
 
     def __init__(self, base_url: str, api_key: str) -> None:
-        self.client = httpx.AsyncClient(
-            base_url=base_url,
-            headers={"Authorization": f"Bearer {api_key}"},
-            timeout=httpx.Timeout(600.0),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=256),
-        )
+        self.url = f"{base_url}/v1/chat/completions"
+        self.headers = {"Authorization": f"Bearer {api_key}"}
+        self.session: aiohttp.ClientSession | None = None  # made on the running loop
 
     async def stream(self, messages: list[dict[str, str]], max_tokens: int) -> RequestResult:
         body = {
@@ -116,23 +116,27 @@ class HttpDriver:
             "ignore_eos": True,
             "stream": True,
         }
+        if self.session is None:
+            self.session = new_session(timeout_s=600.0)
         result, start, last = RequestResult(), time.perf_counter(), None
-        async with self.client.stream("POST", "/v1/chat/completions", json=body) as response:
-            if response.status_code != 200:
-                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-                return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    result.error = str(event["error"].get("message"))
-                    return result
-                choices = event.get("choices") or [{}]
-                if choices[0].get("delta", {}).get("content"):
-                    last = _tick(result, start, last)
+        try:
+            async with sse_events(self.session, self.url, body, self.headers) as events:
+                async for event in events:
+                    if "error" in event:
+                        result.error = str(event["error"].get("message"))
+                        return result
+                    choices = event.get("choices") or [{}]
+                    if choices[0].get("delta", {}).get("content"):
+                        last = _tick(result, start, last)
+        except HttpStatusError as exc:
+            result.error = str(exc)
+            return result
         result.e2e_s = time.perf_counter() - start
         return result
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
 
 
 class DirectDriver:
@@ -301,7 +305,8 @@ def run(args: argparse.Namespace, data_dir: str) -> dict[str, dict[int, dict[str
     port = free_port()
     process = start_server(port, server_env(data_dir, api_key, args.threads))
     try:
-        drivers: dict[str, Driver] = {"http": HttpDriver(f"http://127.0.0.1:{port}", api_key)}
+        http = HttpDriver(f"http://127.0.0.1:{port}", api_key)
+        drivers: dict[str, Driver] = {"http": http}
         backend = None
         if not args.no_direct:
             settings = Settings(
@@ -317,6 +322,7 @@ def run(args: argparse.Namespace, data_dir: str) -> dict[str, dict[int, dict[str
             try:
                 return await measure(drivers, args)
             finally:
+                await http.close()
                 if backend is not None:
                     await backend.close()
 

@@ -95,7 +95,7 @@ async def authenticate(request: Request, services: ServicesDep) -> Principal:
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
 
 
-def require_admin(principal: PrincipalDep) -> Principal:
+async def require_admin(principal: PrincipalDep) -> Principal:
     if not principal.is_admin:
         raise PermissionDeniedError("this route needs an admin API key")
     return principal

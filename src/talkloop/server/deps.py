@@ -17,7 +17,7 @@ from talkloop.server.services import Services
 from talkloop.server.settings import Settings
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:  # async: no worker-thread hop
     services: Services | None = getattr(request.app.state, "services", None)
     if services is None:
         raise ShuttingDownError("the server is starting or stopping; retry shortly")
@@ -27,7 +27,7 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_settings(services: ServicesDep) -> Settings:
+async def get_settings(services: ServicesDep) -> Settings:
     return services.settings
 
 

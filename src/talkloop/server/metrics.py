@@ -95,6 +95,7 @@ class ServingMetrics:
                                      ["method", "handler", "status"], registry=reg)  # fmt: skip
         self.http_latency = Histogram("http_request_duration_seconds", "HTTP request latency",
                                       ["method", "handler"], registry=reg)  # fmt: skip
+        self._itl_by_model: dict[str, Histogram] = {}
         self.backend_stats = BackendStatsCollector()
         reg.register(self.backend_stats)
 
@@ -104,8 +105,11 @@ class ServingMetrics:
     def observe_chunk(self, model: str, since_start_s: float, since_last_s: float | None) -> None:
         if since_last_s is None:
             self.ttft.labels(model).observe(since_start_s)
-        else:
-            self.itl.labels(model).observe(since_last_s)
+            return
+        itl = self._itl_by_model.get(model)  # per token: skip `labels()`'s lock and checks
+        if itl is None:
+            itl = self._itl_by_model[model] = self.itl.labels(model)
+        itl.observe(since_last_s)
 
     def observe_finish(self, entry: UsageEntry) -> None:
         model = entry.model

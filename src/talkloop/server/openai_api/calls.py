@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +74,32 @@ def sse(data: dict[str, Any]) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+_INDEX_MARK, _TEXT_MARK = "\x00index\x00", "\x00text\x00"
+
+
+class TextEvent:
+    """`sse(...)` of a stream's most common chunk, one choice whose only varying parts are its
+    index and a string, from a template rendered once per stream: per token, one `json.dumps`
+    of the string instead of the whole chunk (the bytes are the same).
+
+    `render(choice)` is the full chunk for a one-choice list; `choice(index, text)` that choice.
+    """
+
+    def __init__(
+        self,
+        render: Callable[[list[dict[str, Any]]], dict[str, Any]],
+        choice: Callable[[Any, str], dict[str, Any]],
+    ) -> None:
+        template = sse(render([choice(_INDEX_MARK, _TEXT_MARK)]))
+        self._head, rest = template.split(_dumps(_INDEX_MARK))
+        self._middle, self._tail = rest.split(_dumps(_TEXT_MARK))
+
+    def __call__(self, index: int, text: str) -> str:
+        return f"{self._head}{index:d}{self._middle}{_dumps(text)}{self._tail}"
+
+
+def _dumps(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 def sse_response(events: AsyncIterator[str], generation: Generation) -> StreamingResponse:

@@ -25,6 +25,7 @@ from talkloop.server.openai_api import character_chat, logprobs, sampling
 from talkloop.server.openai_api.calls import (
     SSE_DONE,
     Call,
+    TextEvent,
     resolve_call,
     sse,
     sse_response,
@@ -100,6 +101,10 @@ def backend_messages(body: ChatCompletionRequest, model: ResolvedModel) -> list[
     return messages
 
 
+def _text_choice(index: Any, text: str) -> dict[str, Any]:
+    return {"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+
+
 class ChatStream:
     """Turns one generation's chunks into chat completion chunks or one response."""
 
@@ -116,6 +121,7 @@ class ChatStream:
             body.stream and body.stream_options and body.stream_options.include_usage
         )
         self.token_bytes = token_bytes
+        self._text_event = TextEvent(self._chunk, _text_choice)
 
     def _chunk(
         self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None
@@ -140,11 +146,9 @@ class ChatStream:
     def _choices(self, chunk: GenerationChunk) -> list[dict[str, Any]]:
         choices = []
         if chunk.text or chunk.logprobs:
-            delta = {"content": chunk.text}
-            lp = self._logprobs(chunk.logprobs)
-            choices.append(
-                {"index": chunk.index, "delta": delta, "logprobs": lp, "finish_reason": None}
-            )
+            choice = _text_choice(chunk.index, chunk.text)
+            choice["logprobs"] = self._logprobs(chunk.logprobs)
+            choices.append(choice)
         if chunk.finish_reason:
             choices.append(
                 {
@@ -166,6 +170,9 @@ class ChatStream:
             )
         try:
             async for chunk in generation.chunks():
+                if self.token_bytes is None and chunk.text and not chunk.finish_reason:
+                    yield self._text_event(chunk.index, chunk.text)  # most tokens: fast path
+                    continue
                 for choice in self._choices(chunk):
                     yield sse(self._chunk([choice]))
             if self.include_usage:

@@ -21,6 +21,7 @@ from talkloop.server.openai_api import character_chat, logprobs, sampling
 from talkloop.server.openai_api.calls import (
     SSE_DONE,
     Call,
+    TextEvent,
     resolve_call,
     sse,
     sse_response,
@@ -82,6 +83,10 @@ async def create_completion(
     return await respond_unless_disconnected(request, completion.collect(generation))
 
 
+def _text_choice(index: Any, text: str) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": None}
+
+
 class CompletionStream:
     def __init__(
         self, call: Call, body: CompletionRequest, token_bytes: logprobs.TokenBytes | None
@@ -94,6 +99,7 @@ class CompletionStream:
         )
         self.token_bytes = token_bytes
         self.offsets = [0] * body.n  # text emitted so far per choice, for text_offset
+        self._text_event = TextEvent(self._body, _text_choice)
 
     def _body(
         self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None
@@ -128,6 +134,10 @@ class CompletionStream:
     async def events(self, generation: Generation) -> AsyncIterator[str]:
         try:
             async for chunk in generation.chunks():
+                if self.token_bytes is None and not chunk.finish_reason:
+                    self.offsets[chunk.index] += len(chunk.text)
+                    yield self._text_event(chunk.index, chunk.text)  # most tokens: fast path
+                    continue
                 yield sse(self._body([self._choice(chunk)]))
             if self.include_usage:
                 yield sse(self._body([], usage_body(generation.usage)))
