@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import random
+import resource
 import secrets
 import signal
 import socket
@@ -220,6 +221,7 @@ def summarise(
         "slo_attainment": len(good) / len(results) if results else 0.0,
         "throughput_rps": len(ok) / wall_s if wall_s else 0.0,
         "output_tok_s": num_tokens / wall_s if wall_s else 0.0,
+        "num_tokens": num_tokens,
     }
 
 
@@ -267,26 +269,50 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
         process.kill()
 
 
+def thread_cpu_s(pid: int, tid: int) -> float:
+    """CPU seconds (user + system) a thread of another process has used so far."""
+    with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def measure(
-    drivers: dict[str, Driver], args: argparse.Namespace
+    drivers: dict[str, Driver], args: argparse.Namespace, server_pid: int | None = None
 ) -> dict[str, dict[int, dict[str, Any]]]:
     """Every level, the modes taking turns `--rounds` times (drift on a shared machine hits
-    both alike); per mode and level, the summary of all its rounds."""
+    both alike); per mode and level, the summary of all its rounds. Over HTTP it also counts
+    the CPU that the server's event loop (its main thread) and this load generator spent: on
+    a machine this small both share the engine's cores."""
     for driver in drivers.values():
         await run_level(driver, 1, 1, 4)  # warm-up: first-request costs are not measured
     summaries: dict[str, dict[int, dict[str, Any]]] = {mode: {} for mode in drivers}
     for concurrency in args.concurrency:
         collected: dict[str, tuple[list[RequestResult], float]] = {m: ([], 0.0) for m in drivers}
+        cpu = {"server_loop": 0.0, "client": 0.0}
         for _ in range(args.rounds):
             for mode, driver in drivers.items():
+                counted = mode == "http" and server_pid is not None
+                if counted:
+                    loop_before, client_before = thread_cpu_s(server_pid, server_pid), own_cpu_s()
                 results, wall_s = await run_level(
                     driver, concurrency, args.turns, args.max_tokens, args.think_s
                 )
+                if counted:
+                    cpu["server_loop"] += thread_cpu_s(server_pid, server_pid) - loop_before
+                    cpu["client"] += own_cpu_s() - client_before
                 previous, previous_s = collected[mode]
                 collected[mode] = (previous + results, previous_s + wall_s)
         for mode, (results, wall_s) in collected.items():
             slo = (args.slo_ttft_ms / 1e3, args.slo_itl_ms / 1e3)
             summary = summaries[mode][concurrency] = summarise(results, wall_s, *slo)
+            if mode == "http" and server_pid is not None:
+                tokens = max(1, summary["num_tokens"])
+                summary["cpu_us_per_token"] = {k: 1e6 * v / tokens for k, v in cpu.items()}
             print(
                 f"{mode:6} c={concurrency:<3} TTFT p50 {summary['ttft']['p50_ms']:7.1f} ms  "
                 f"ITL p50 {summary['itl']['p50_ms']:6.1f} ms  "
@@ -320,7 +346,7 @@ def run(args: argparse.Namespace, data_dir: str) -> dict[str, dict[int, dict[str
 
         async def main() -> dict[str, dict[int, dict[str, Any]]]:
             try:
-                return await measure(drivers, args)
+                return await measure(drivers, args, process.pid)
             finally:
                 await http.close()
                 if backend is not None:
@@ -379,6 +405,20 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {level['concurrency']} | {o['ttft_p50_ms_delta']:.1f} "
                 f"| {o['ttft_p50_pct']:.1f} | {o['ttft_mean_ms_delta']:.1f} "
                 f"| {o['ttft_mean_pct']:.1f} |"
+            )
+    lines += [
+        "",
+        "CPU per streamed token over HTTP, besides the engine's (us; 2 cores in all, so it "
+        "slows the engine's steps):",
+        "",
+        "| users | server event loop | load generator (this client) |",
+        "|---|---|---|",
+    ]
+    for level in report["levels"]:
+        cpu = level.get("http", {}).get("cpu_us_per_token")
+        if cpu:
+            lines.append(
+                f"| {level['concurrency']} | {cpu['server_loop']:.0f} | {cpu['client']:.0f} |"
             )
     return "\n".join(lines) + "\n"
 
