@@ -2,6 +2,8 @@
 
 import ast
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,9 +55,6 @@ def test_checker_catches_a_bad_import(tmp_path: Path) -> None:
 
 
 def test_openmp_workers_spin_briefly_unless_the_environment_says_otherwise() -> None:
-    import subprocess
-    import sys
-
     probe = "import os, talkloop; print(os.environ['GOMP_SPINCOUNT'])"
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     default = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)

@@ -2,10 +2,10 @@
 
 `paged_attention.cpp` (decode attention on the paged cache), `int8_linear.cpp` (the passes
 around an int8 GEMM), `int4_linear.cpp` (an int4 x int8 VNNI kernel for a few rows),
-`rms_norm.cpp`, `decode_step.cpp` (a whole decode step of a dense
-Llama-family model in one call), `prefill_attention.cpp` (causal prefill attention in bf16
-on the paged cache) and `argmax.cpp` (greedy picks) are compiled against the installed torch (ATen's
-`parallel_for` runs on torch's own OpenMP runtime: torch ships `libgomp.so.1`, which the loader
+`rms_norm.cpp`, `decode_step.cpp` (a whole decode step of a dense Llama-family model in one
+call), `prefill_attention.cpp` (causal prefill attention in bf16 on the paged cache) and
+`argmax.cpp` (greedy picks) are compiled against the installed torch (ATen's `parallel_for`
+runs on torch's own OpenMP runtime: torch ships `libgomp.so.1`, which the loader
 shares) into a shared library cached under `$TALKLOOP_CACHE_DIR` (default
 `~/.cache/talkloop/kernels`), keyed by the sources, torch's version, the compiler, its flags
 and the CPU, and called through ctypes (which releases the GIL). Without a compiler, or with

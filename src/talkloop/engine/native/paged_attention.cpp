@@ -170,7 +170,7 @@ void value_sum_avx512(const float* probs /* [G, stride] */, int64_t group, const
 // (unpacklo/hi), times the pair's probabilities, rounded to bf16 (as flash attention does).
 constexpr int64_t kMaxGroupBf16 = 8;  // 2 x G accumulators per 32 channels stay in registers
 
-inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
+using talkloop::as_bh;
 
 template <int D>
 void scores_bf16(const uint16_t* query /* [G, D] */, int64_t group, float scale,

@@ -51,7 +51,7 @@ constexpr int64_t kQueries = 16;  // query positions per work item (rows = 16 * 
 constexpr int kRows = 8;          // rows per register block
 
 // Same bits, other vector type (GCC's vector casts).
-inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
+using talkloop::as_bh;
 inline __m512i as_int(__m512bh x) { return (__m512i)x; }
 inline __m256i as_int(__m256bh x) { return (__m256i)x; }
 

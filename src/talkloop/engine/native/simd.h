@@ -47,21 +47,26 @@ inline __m512 load16(const uint16_t* p, __mmask16 m = 0xFFFF) {
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
-inline void store16(float* p, __m512 x, __mmask16 m = 0xFFFF) { _mm512_mask_storeu_ps(p, m, x); }
-inline void store16(uint16_t* p, __m512 x, __mmask16 m = 0xFFFF) {
+// x's bits rounded to nearest even at bf16 precision: the bf16 value is the top 16 bits.
+inline __m512i round_bf16_bits(__m512 x) {
   const __m512i bits = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+  return _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+}
+inline void store16(float* p, __m512 x, __mmask16 m = 0xFFFF) { _mm512_mask_storeu_ps(p, m, x); }
+inline void store16(uint16_t* p, __m512 x, __mmask16 m = 0xFFFF) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_bf16_bits(x), 16)));
 }
 // x rounded to bf16 precision (tag dispatch on the element type, as scalar.h's as_stored).
 inline __m512 as_stored16(__m512 x, float) { return x; }
 inline __m512 as_stored16(__m512 x, uint16_t) {
-  const __m512i bits = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(0xFFFF0000u)));
+  return _mm512_castsi512_ps(_mm512_and_si512(round_bf16_bits(x), _mm512_set1_epi32(0xFFFF0000u)));
 }
+
+#ifdef __AVX512BF16__
+// Same bits as a bf16 vector (GCC's vector casts), for `vdpbf16ps`.
+inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
+#endif
 
 }  // namespace talkloop
 #endif

@@ -143,22 +143,27 @@ class ChatStream:
             return None
         return logprobs.chat_logprobs(items or (), self.token_bytes)
 
-    def _choices(self, chunk: GenerationChunk) -> list[dict[str, Any]]:
-        choices = []
+    def _events(self, chunk: GenerationChunk) -> list[str]:
+        """A chunk's SSE events: its text (from the template when it has no logprobs: most
+        tokens), then its finish reason."""
+        events = []
         if chunk.text or chunk.logprobs:
-            choice = _text_choice(chunk.index, chunk.text)
-            choice["logprobs"] = self._logprobs(chunk.logprobs)
-            choices.append(choice)
+            lp = self._logprobs(chunk.logprobs)
+            if lp is None:
+                events.append(self._text_event(chunk.index, chunk.text))
+            else:
+                choice = _text_choice(chunk.index, chunk.text)
+                choice["logprobs"] = lp
+                events.append(sse(self._chunk([choice])))
         if chunk.finish_reason:
-            choices.append(
-                {
-                    "index": chunk.index,
-                    "delta": {},
-                    "logprobs": None,
-                    "finish_reason": chunk.finish_reason,
-                }
-            )
-        return choices
+            finish = {
+                "index": chunk.index,
+                "delta": {},
+                "logprobs": None,
+                "finish_reason": chunk.finish_reason,
+            }
+            events.append(sse(self._chunk([finish])))
+        return events
 
     async def events(self, generation: Generation) -> AsyncIterator[str]:
         for index in range(self.n):
@@ -170,11 +175,8 @@ class ChatStream:
             )
         try:
             async for chunk in generation.chunks():
-                if self.token_bytes is None and chunk.text and not chunk.finish_reason:
-                    yield self._text_event(chunk.index, chunk.text)  # most tokens: fast path
-                    continue
-                for choice in self._choices(chunk):
-                    yield sse(self._chunk([choice]))
+                for event in self._events(chunk):
+                    yield event
             if self.include_usage:
                 yield sse(self._chunk([], usage_body(generation.usage)))
         except Exception as exc:  # the status line is sent: report in-band

@@ -121,24 +121,21 @@ class CompletionStream:
             return None
         return logprobs.completion_logprobs(items or (), self.token_bytes, offset)
 
-    def _choice(self, chunk: GenerationChunk) -> dict[str, Any]:
+    def _event(self, chunk: GenerationChunk) -> str:
+        """A chunk's SSE event (from the template when it has neither logprobs nor a finish
+        reason: most tokens)."""
         lp = self._logprobs(chunk.logprobs, self.offsets[chunk.index])
         self.offsets[chunk.index] += len(chunk.text)
-        return {
-            "index": chunk.index,
-            "text": chunk.text,
-            "logprobs": lp,
-            "finish_reason": chunk.finish_reason,
-        }
+        if lp is None and chunk.finish_reason is None:
+            return self._text_event(chunk.index, chunk.text)
+        choice = _text_choice(chunk.index, chunk.text)
+        choice.update(logprobs=lp, finish_reason=chunk.finish_reason)
+        return sse(self._body([choice]))
 
     async def events(self, generation: Generation) -> AsyncIterator[str]:
         try:
             async for chunk in generation.chunks():
-                if self.token_bytes is None and not chunk.finish_reason:
-                    self.offsets[chunk.index] += len(chunk.text)
-                    yield self._text_event(chunk.index, chunk.text)  # most tokens: fast path
-                    continue
-                yield sse(self._body([self._choice(chunk)]))
+                yield self._event(chunk)
             if self.include_usage:
                 yield sse(self._body([], usage_body(generation.usage)))
         except Exception as exc:  # the status line is sent: report in-band
