@@ -25,6 +25,7 @@ from talkloop.engine.config import (
     SpeculativeConfig,
 )
 from talkloop.server import admin_api, health, metrics, openai_api, usage_api
+from talkloop.server.auth import KeyCache
 from talkloop.server.bootstrap import bootstrap
 from talkloop.server.db.database import Database
 from talkloop.server.db.migrate import upgrade
@@ -131,7 +132,8 @@ def create_app(
         metering = build_metering(settings, db, models, serving_metrics)
         serving_metrics.track_backends(lambda: models.backends)
         ledger = UsageLedger(db, settings.ledger_flush_interval_s, metering)
-        app.state.services = Services(settings, db, models, ledger, gate, owned)
+        key_cache = KeyCache.for_database(db)
+        app.state.services = Services(settings, db, models, ledger, gate, owned, key_cache)
         try:
             yield
         finally:
@@ -142,6 +144,8 @@ def create_app(
             metering.close()
             for own in owned:
                 await own.close()
+            if key_cache is not None:
+                key_cache.close()
             db.dispose()
 
     app = FastAPI(title="talkloop", version="0.1.0", lifespan=lifespan)

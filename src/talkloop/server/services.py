@@ -7,6 +7,7 @@ subsystems (limits, metrics) add their long-lived objects here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from talkloop.backends.base import ModelBackend
 from talkloop.server.db.database import Database
@@ -14,6 +15,9 @@ from talkloop.server.ledger import UsageLedger
 from talkloop.server.middleware import DrainGate
 from talkloop.server.model_registry import ModelRegistry
 from talkloop.server.settings import Settings
+
+if TYPE_CHECKING:  # auth reaches Services through deps
+    from talkloop.server.auth import KeyCache
 
 
 @dataclass(frozen=True)
@@ -24,3 +28,4 @@ class Services:
     ledger: UsageLedger
     gate: DrainGate
     owned_backends: tuple[ModelBackend, ...] = field(default=())  # closed at shutdown
+    key_cache: KeyCache | None = None  # authentications kept between requests (SQLite)

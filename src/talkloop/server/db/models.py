@@ -63,6 +63,16 @@ class Tenant(Base):
     disabled_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+class AuthEpoch(Base):
+    """One row whose value database triggers bump on every change to `api_keys` or `tenants`
+    (migration 0004): a cached authentication is valid while the value is unchanged."""
+
+    __tablename__ = "auth_epoch"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    value: Mapped[int] = mapped_column(BigInteger)
+
+
 class ApiKey(Base):
     """An API key; only its SHA-256 hash is stored, and its visible prefix for display."""
 
