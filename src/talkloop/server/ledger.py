@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
@@ -148,17 +148,25 @@ class UsageLedger:
         return items
 
     def _write(self, entries: list[UsageEntry]) -> None:
-        rows = [dataclasses.asdict(entry) for entry in entries]
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
                 with self._db.session() as session:
                     written = self.hooks.before_write(session, entries)
-                    insert_usage(session, [dataclasses.asdict(entry) for entry in written])
+                    insert_usage(session, [_row(entry) for entry in written])
                 return
             except Exception:
                 logger.warning("usage ledger write failed (attempt %d)", attempt, exc_info=True)
                 time.sleep(0.2 * attempt)
+        rows = [_row(entry) for entry in entries]
         logger.error("usage ledger rows dropped after %d attempts: %s", WRITE_ATTEMPTS, rows)
+
+
+_ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(UsageEntry))
+
+
+def _row(entry: UsageEntry) -> dict[str, Any]:
+    """The entry's columns (its fields are scalars: no deep copy, which `asdict` makes)."""
+    return {name: getattr(entry, name) for name in _ENTRY_FIELDS}
 
 
 class Caller(Protocol):

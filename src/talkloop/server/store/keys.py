@@ -35,7 +35,7 @@ class KeyRepo(Scoped):
         return self.session.scalars(self._select(ApiKey).order_by(ApiKey.created_at)).all()
 
     def revoke(self, key_id: str) -> ApiKey:
-        """Revoke now; every replica refuses it on its next request (no key cache)."""
+        """Revoke now; every replica refuses it on its next request (the auth epoch moves)."""
         row = self.get(key_id)
         if row.revoked_at is None:
             row.revoked_at = utcnow()
