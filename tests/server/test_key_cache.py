@@ -17,6 +17,7 @@ from talkloop.server import auth
 from talkloop.server.auth import KeyCache, Principal, principal_for
 from talkloop.server.db.base import utcnow
 from talkloop.server.db.database import Database
+from talkloop.server.db.migrate import upgrade
 from talkloop.server.db.models import AuthEpoch, KeyScope, Tenant
 from talkloop.server.errors import AuthenticationError, PermissionDeniedError
 from talkloop.server.store import PlatformStore
@@ -24,7 +25,7 @@ from talkloop.server.store import PlatformStore
 
 def epoch(db: Database) -> int:
     with db.session() as session:
-        return session.scalars(select(AuthEpoch.value)).one()
+        return int(session.scalars(select(AuthEpoch.value)).one())
 
 
 def new_key(db: Database, name: str) -> tuple[str, str]:
@@ -64,8 +65,6 @@ def test_the_cache_is_for_sqlite_files_only(db: Database) -> None:
 
 @pytest.fixture
 def sqlite_db(tmp_path: Path) -> Iterator[Database]:
-    from talkloop.server.db.migrate import upgrade
-
     database = Database(f"sqlite:///{tmp_path / 'cache.db'}")
     upgrade(database.engine)
     yield database
@@ -86,15 +85,21 @@ def lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
+@pytest.fixture
+def cache(sqlite_db: Database) -> Iterator[KeyCache]:
+    made = KeyCache.for_database(sqlite_db)
+    assert made is not None
+    yield made
+    made.close()
+
+
 def authenticate(db: Database, cache: KeyCache, secret: str) -> Principal:
     return asyncio.run(principal_for(db, cache, secret))
 
 
 def test_a_key_is_served_from_the_cache_until_another_process_revokes_it(
-    sqlite_db: Database, lookups: list[str]
+    sqlite_db: Database, cache: KeyCache, lookups: list[str]
 ) -> None:
-    cache = KeyCache.for_database(sqlite_db)
-    assert cache is not None
     tenant_id, secret = new_key(sqlite_db, "acme")
     first = authenticate(sqlite_db, cache, secret)
     assert authenticate(sqlite_db, cache, secret) == first
@@ -112,14 +117,11 @@ def test_a_key_is_served_from_the_cache_until_another_process_revokes_it(
     with pytest.raises(AuthenticationError, match="revoked"):  # failures are never cached
         authenticate(sqlite_db, cache, secret)
     assert lookups == [secret] * 3
-    cache.close()
 
 
 def test_a_disabled_tenant_is_refused_on_the_next_request(
-    sqlite_db: Database, lookups: list[str]
+    sqlite_db: Database, cache: KeyCache, lookups: list[str]
 ) -> None:
-    cache = KeyCache.for_database(sqlite_db)
-    assert cache is not None
     tenant_id, secret = new_key(sqlite_db, "acme")
     other_id, other = new_key(sqlite_db, "globex")
     authenticate(sqlite_db, cache, secret)
@@ -130,14 +132,11 @@ def test_a_disabled_tenant_is_refused_on_the_next_request(
         authenticate(sqlite_db, cache, secret)
     assert authenticate(sqlite_db, cache, other).tenant_id == other_id  # looked up again
     assert lookups == [secret, other, secret, other]
-    cache.close()
 
 
 def test_unknown_keys_are_looked_up_every_time_and_work_once_created(
-    sqlite_db: Database, lookups: list[str]
+    sqlite_db: Database, cache: KeyCache, lookups: list[str]
 ) -> None:
-    cache = KeyCache.for_database(sqlite_db)
-    assert cache is not None
     with sqlite_db.session() as session:
         tenant = PlatformStore(session).create_tenant("acme")
         tenant_id = tenant.id
@@ -153,10 +152,8 @@ def test_unknown_keys_are_looked_up_every_time_and_work_once_created(
 
 
 def test_an_unreadable_epoch_means_a_lookup_not_a_failure(
-    sqlite_db: Database, lookups: list[str]
+    sqlite_db: Database, cache: KeyCache, lookups: list[str]
 ) -> None:
-    cache = KeyCache.for_database(sqlite_db)
-    assert cache is not None
     _tenant_id, secret = new_key(sqlite_db, "acme")
     cache._connection.close()  # e.g. the file went away under it
     with pytest.raises(sqlite3.ProgrammingError):
@@ -166,9 +163,7 @@ def test_an_unreadable_epoch_means_a_lookup_not_a_failure(
     assert lookups == [secret, secret]
 
 
-def test_the_cache_keeps_its_most_recent_keys(sqlite_db: Database) -> None:
-    cache = KeyCache.for_database(sqlite_db)
-    assert cache is not None
+def test_the_cache_keeps_its_most_recent_keys(cache: KeyCache) -> None:
     cache.MAX_ENTRIES = 2
     principals = [Principal(f"ten-{i}", f"key-{i}", KeyScope.USER) for i in range(3)]
     for i, principal in enumerate(principals):
@@ -178,4 +173,3 @@ def test_the_cache_keeps_its_most_recent_keys(sqlite_db: Database) -> None:
     assert cache.get("hash-1", 7) is None  # the least recently used went first
     assert cache.get("hash-0", 7) == principals[0] and cache.get("hash-2", 7) == principals[2]
     assert cache.get("hash-2", 8) is None  # another epoch: stale
-    cache.close()

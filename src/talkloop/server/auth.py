@@ -95,9 +95,10 @@ class KeyCache:
     an API key or tenant, whichever process makes it, so an entry cached before a revocation
     or a tenant's disabling is never used after it. Only keys that authenticate are cached:
     a new key is looked up on its first use. The epoch is read on the event loop through a
-    read-only connection of the cache's own, which with SQLite costs microseconds and no
-    thread hop; `for_database` gives no cache for other databases (a network round trip per
-    read would cost what the lookup costs), so there every request looks its key up.
+    read-only connection of the cache's own: a local read, no thread hop and no ORM (py-spy
+    put it at ~3% of the server's samples with 16 streams, the lookup it saves at ~31%).
+    `for_database` gives no cache for other databases (a network round trip per read would
+    cost what the lookup costs), so there every request looks its key up.
     """
 
     MAX_ENTRIES = 4096
@@ -144,8 +145,7 @@ class KeyCache:
 
 async def principal_for(db: Database, cache: KeyCache | None, secret: str) -> Principal:
     """`look_up_key` in a worker thread, unless `cache` holds the key for the current epoch."""
-    epoch = cache.epoch() if cache is not None else None
-    if cache is None or epoch is None:
+    if cache is None or (epoch := cache.epoch()) is None:
         return await asyncio.to_thread(look_up_key, db, secret)
     key_hash = hash_api_key(secret)
     found = cache.get(key_hash, epoch)
