@@ -6,9 +6,16 @@ user, a growing history of short turns) and streams one reply per turn, back to 
 `concurrency` users keep that many requests in flight. Per level it reports time to first token
 (TTFT), inter-token latency (ITL, the gaps between streamed chunks) and end-to-end latency
 (p50/p95/p99), goodput (requests/s meeting the SLO: TTFT and mean ITL under their bounds) and
-errors. The same prompts also go through the engine in this process, built exactly as the
-server builds it (`build_backend` on the same settings), the two modes taking turns per level:
-overhead = (TTFT over HTTP - TTFT direct) / TTFT over HTTP, per level (target: < 5% at 16).
+errors. The same prompts also go through the engine called directly: `build_backend` on the
+same settings, but with the engine on a thread of this process (`engine_process=False`) where
+`talkloop serve` runs it in a process of its own (the stricter baseline: no pipe between the
+caller and the engine). The two modes take turns per level, in alternating order (a drift
+over the run hits both alike): overhead = (TTFT over HTTP - TTFT direct) / TTFT over HTTP, per
+level (target: < 5% at 16).
+`--threads` is the engine's thread count in both modes. With every core given to the engine
+(the default on 2 cores), the server and this load generator take their CPU from the engine's
+steps; with one core left to them (`--threads` = cores - 1, as vLLM advises for its CPU
+backend) the overhead is the server's own.
 Replies are greedy with a fixed length (`ignore_eos`), so both sides do the same work.
 Users think between turns (`--think-s`, mean seconds; each user's first turn is delayed the
 same way), from seeded generators, so both modes see the same arrival pattern. With
@@ -269,11 +276,22 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
         process.kill()
 
 
-def thread_cpu_s(pid: int, tid: int) -> float:
-    """CPU seconds (user + system) a thread of another process has used so far."""
-    with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+def _stat_cpu_s(path: str) -> float:
+    """User + system CPU seconds in a /proc `stat` file."""
+    with open(path) as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_s(pid: int, tid: int) -> float:
+    """CPU seconds a thread of another process has used so far."""
+    return _stat_cpu_s(f"/proc/{pid}/task/{tid}/stat")
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds every thread of another process has used so far (not its children's: the
+    server's engine process is not counted)."""
+    return _stat_cpu_s(f"/proc/{pid}/stat")
 
 
 def own_cpu_s() -> float:
@@ -284,26 +302,29 @@ def own_cpu_s() -> float:
 async def measure(
     drivers: dict[str, Driver], args: argparse.Namespace, server_pid: int | None = None
 ) -> dict[str, dict[int, dict[str, Any]]]:
-    """Every level, the modes taking turns `--rounds` times (drift on a shared machine hits
-    both alike); per mode and level, the summary of all its rounds. Over HTTP it also counts
-    the CPU that the server's event loop (its main thread) and this load generator spent: on
-    a machine this small both share the engine's cores."""
+    """Every level, the modes taking turns `--rounds` times, in alternating order (drift on a
+    shared machine hits both alike); per mode and level, the summary of all its rounds. Over
+    HTTP it also counts the CPU that the server's event loop (its main thread) and this load
+    generator spent: on a machine this small both share the engine's cores."""
     for driver in drivers.values():
         await run_level(driver, 1, 1, 4)  # warm-up: first-request costs are not measured
     summaries: dict[str, dict[int, dict[str, Any]]] = {mode: {} for mode in drivers}
     for concurrency in args.concurrency:
         collected: dict[str, tuple[list[RequestResult], float]] = {m: ([], 0.0) for m in drivers}
-        cpu = {"server_loop": 0.0, "client": 0.0}
-        for _ in range(args.rounds):
-            for mode, driver in drivers.items():
+        cpu = {"server_loop": 0.0, "server": 0.0, "client": 0.0}
+        for round_ in range(args.rounds):
+            order = list(drivers.items())
+            for mode, driver in order if round_ % 2 == 0 else order[::-1]:
                 counted = mode == "http" and server_pid is not None
                 if counted:
-                    loop_before, client_before = thread_cpu_s(server_pid, server_pid), own_cpu_s()
+                    loop_before = thread_cpu_s(server_pid, server_pid)
+                    server_before, client_before = process_cpu_s(server_pid), own_cpu_s()
                 results, wall_s = await run_level(
                     driver, concurrency, args.turns, args.max_tokens, args.think_s
                 )
                 if counted:
                     cpu["server_loop"] += thread_cpu_s(server_pid, server_pid) - loop_before
+                    cpu["server"] += process_cpu_s(server_pid) - server_before
                     cpu["client"] += own_cpu_s() - client_before
                 previous, previous_s = collected[mode]
                 collected[mode] = (previous + results, previous_s + wall_s)
@@ -340,8 +361,9 @@ def run(args: argparse.Namespace, data_dir: str) -> dict[str, dict[int, dict[str
                 dev_mode=True,
                 served_model_name=MODEL,
                 num_threads=args.threads,
+                engine_process=False,
             )
-            backend = build_backend(settings)  # exactly the engine `talkloop serve` builds
+            backend = build_backend(settings)  # the server's engine, on a thread here
             drivers["direct"] = DirectDriver(backend)
 
         async def main() -> dict[str, dict[int, dict[str, Any]]]:
@@ -377,6 +399,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Workload: {slo['turns']} turns per user, {slo['max_tokens']} tokens per reply (greedy, "
         f"fixed length), a ~{slo['persona_chars']}-character persona shared by every user, "
         f"think time {slo['think_s']:g} s on average between turns (0: back to back). "
+        f"Engine threads: {slo['threads']} (both modes). "
         f"SLO: TTFT < {slo['slo_ttft_ms']:.0f} ms and mean ITL < {slo['slo_itl_ms']:.0f} ms.",
         "",
         "| users | mode | TTFT p50/p95/p99 ms | ITL p50/p95/p99 ms | E2E p50/p95/p99 ms "
@@ -411,14 +434,16 @@ def markdown(report: dict[str, Any]) -> str:
         "CPU per streamed token over HTTP, besides the engine's (us; 2 cores in all, so it "
         "slows the engine's steps):",
         "",
-        "| users | server event loop | load generator (this client) |",
-        "|---|---|---|",
+        "| users | server process (engine process excluded) | its event loop "
+        "| load generator (this client) |",
+        "|---|---|---|---|",
     ]
     for level in report["levels"]:
         cpu = level.get("http", {}).get("cpu_us_per_token")
         if cpu:
             lines.append(
-                f"| {level['concurrency']} | {cpu['server_loop']:.0f} | {cpu['client']:.0f} |"
+                f"| {level['concurrency']} | {cpu['server']:.0f} | {cpu['server_loop']:.0f} "
+                f"| {cpu['client']:.0f} |"
             )
     return "\n".join(lines) + "\n"
 

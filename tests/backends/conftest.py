@@ -39,7 +39,7 @@ def engine_backend() -> Iterator[EngineBackend]:
 @pytest.fixture(scope="session")
 def tiny_backend(engine_backend: EngineBackend) -> Iterator[EngineBackend]:
     engine = build_engine(EngineConfig(dtype="bfloat16"), engine_backend.loaded)
-    backend = EngineBackend(
+    backend = EngineBackend.from_engine(
         engine_backend.loaded, engine, TINY_MODEL, AdmissionLimits(max_queued_requests=1)
     )
     yield backend

@@ -27,7 +27,7 @@ from sqlalchemy import select
 
 from talkloop.backends.engine_backend import AdmissionLimits, EngineBackend
 from talkloop.engine.config import EngineConfig
-from talkloop.engine.loader import build_engine
+from talkloop.engine.loader import build_engine, load_model
 from talkloop.server import Settings, create_app
 from talkloop.server.db.database import Database
 from talkloop.server.db.migrate import upgrade
@@ -88,18 +88,19 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
 
 @pytest.fixture(scope="session")
 def engine_backend() -> Iterator[EngineBackend]:
-    backend = EngineBackend.from_config(EngineConfig(dtype="bfloat16"), MODEL)
+    """The bundled model as `talkloop serve` runs it: the engine in a process of its own."""
+    backend = EngineBackend.from_config(EngineConfig(dtype="bfloat16"), MODEL, process=True)
     yield backend
     asyncio.run(backend.close())
 
 
 @pytest.fixture(scope="session")
-def tiny_backend(engine_backend: EngineBackend) -> Iterator[EngineBackend]:
-    """The same weights behind a second engine that admits a single request."""
-    config = EngineConfig(dtype="bfloat16")
-    engine = build_engine(config, engine_backend.loaded)
-    backend = EngineBackend(
-        engine_backend.loaded, engine, TINY_MODEL, AdmissionLimits(max_queued_requests=1)
+def tiny_backend() -> Iterator[EngineBackend]:
+    """The same weights behind an engine on a thread here that admits a single request."""
+    config = EngineConfig(dtype="bfloat16", num_threads=1)
+    loaded = load_model(config)
+    backend = EngineBackend.from_engine(
+        loaded, build_engine(config, loaded), TINY_MODEL, AdmissionLimits(max_queued_requests=1)
     )
     yield backend
     asyncio.run(backend.close())

@@ -1,17 +1,22 @@
 """`EngineBackend`: the built-in engine behind the `ModelBackend` interface.
 
-Renders chats with the model's template, tokenizes, streams through `AsyncEngine`, and
+Renders chats with the model's template, tokenizes, streams through the engine (`AsyncEngine`
+on a thread here, or `EngineProcess` in a child process, which `talkloop serve` uses), and
 refuses new work (fast, with a retry hint) beyond a bounded queue instead of queueing forever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
+
+import torch
 
 from talkloop.backends.base import (
     BackendError,
@@ -21,10 +26,21 @@ from talkloop.backends.base import (
     Usage,
 )
 from talkloop.engine.async_engine import AsyncEngine
+from talkloop.engine.chat_template import ChatTemplate
 from talkloop.engine.config import EngineConfig
+from talkloop.engine.engine_process import EngineProcess
+from talkloop.engine.errors import EngineDeadError
 from talkloop.engine.llm_engine import LLMEngine
-from talkloop.engine.loader import LoadedModel, build_engine, load_model
+from talkloop.engine.loader import (
+    LoadedModel,
+    build_engine,
+    load_model,
+    load_tokenizer,
+    model_path,
+)
 from talkloop.engine.outputs import RequestOutput
+from talkloop.engine.sampling_params import SamplingParams
+from talkloop.engine.tokenizer import Tokenizer
 
 T = TypeVar("T")
 
@@ -39,18 +55,40 @@ class AdmissionLimits:
             raise ValueError("admission limits must be >= 1")
 
 
+class EngineClient(Protocol):
+    """How the backend drives an engine: `AsyncEngine` (a thread of this process) or
+    `EngineProcess` (a child process)."""
+
+    def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncGenerator[RequestOutput, None]: ...
+
+    @property
+    def is_running(self) -> bool: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    def stats(self) -> dict[str, float]: ...
+
+    def shutdown(self, timeout_s: float = 5.0) -> None: ...
+
+
 class EngineBackend:
+    """`loaded` is the model when the engine runs in this process (None in a child process)."""
+
     def __init__(
         self,
-        loaded: LoadedModel,
-        engine: LLMEngine,
+        client: EngineClient,
+        tokenizer: Tokenizer,
         model_name: str,
         limits: AdmissionLimits | None = None,
-        async_engine: AsyncEngine | None = None,
+        loaded: LoadedModel | None = None,
     ) -> None:
+        self._client = client
+        self.tokenizer = tokenizer
+        self.chat_template = ChatTemplate.for_tokenizer(tokenizer)
         self.loaded = loaded
-        self._engine = engine
-        self._async = async_engine or AsyncEngine(engine)
         self._model_name = model_name
         self._limits = limits or AdmissionLimits()
         self._lock = threading.Lock()
@@ -58,6 +96,7 @@ class EngineBackend:
         self._in_flight_tokens = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self._torch_pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_config(
@@ -65,17 +104,35 @@ class EngineBackend:
         config: EngineConfig,
         model_name: str | None = None,
         limits: AdmissionLimits | None = None,
+        *,
+        process: bool = False,
+        process_setup: Callable[[], None] | None = None,
     ) -> EngineBackend:
+        """Load `config.model` and start its engine: on a thread of this process, or with
+        `process` in a child process (`process_setup` runs first there: logging, say)."""
+        name = model_name or model_path(config).stem
+        if process:
+            tokenizer = load_tokenizer(config)
+            return cls(EngineProcess(config, process_setup), tokenizer, name, limits)
         models: list[LoadedModel] = []
 
         def build() -> LLMEngine:  # on the engine's own thread (see AsyncEngine)
             models.append(load_model(config))
             return build_engine(config, models[0])
 
-        async_engine = AsyncEngine(build)
-        loaded = models[0]
-        name = model_name or loaded.path.stem
-        return cls(loaded, async_engine.engine, name, limits, async_engine)
+        client = AsyncEngine(build)
+        return cls(client, models[0].tokenizer, name, limits, models[0])
+
+    @classmethod
+    def from_engine(
+        cls,
+        loaded: LoadedModel,
+        engine: LLMEngine,
+        model_name: str,
+        limits: AdmissionLimits | None = None,
+    ) -> EngineBackend:
+        """An engine already built here, stepped by a thread of this process."""
+        return cls(AsyncEngine(engine), loaded.tokenizer, model_name, limits, loaded)
 
     @property
     def model_name(self) -> str:
@@ -83,15 +140,15 @@ class EngineBackend:
 
     @property
     def context_window(self) -> int:
-        return self._engine.max_model_len
+        return self._client.max_model_len
 
     def count_tokens(self, text: str) -> int:
-        return len(self.loaded.tokenizer.encode(text, add_special_tokens=False))
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
 
     def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
-        tokenizer = self.loaded.tokenizer
+        tokenizer = self.tokenizer
         if request.messages is not None:
-            text = self.loaded.chat_template.render(
+            text = self.chat_template.render(
                 request.messages,
                 add_generation_prompt=request.add_generation_prompt,
                 continue_final_message=request.continue_final_message,
@@ -115,16 +172,20 @@ class EngineBackend:
     ) -> AsyncIterator[GenerationChunk]:
         completion_tokens = 0
         first = True
-        stream = self._async.generate(prompt_ids, request.params, request.request_id)
-        async for output in stream:
-            if output.error:
-                raise BackendError(f"generation failed: {output.error}")
-            completion_tokens += sum(len(d.token_ids) for d in output.deltas)
-            for chunk in _chunks(output, completion_tokens):
-                if first and output.queue_time_s is not None:
-                    chunk = dataclasses.replace(chunk, queue_time_s=output.queue_time_s)
-                first = False
-                yield chunk
+        stream = self._client.generate(prompt_ids, request.params, request.request_id)
+        async with contextlib.aclosing(stream):  # an early exit aborts the request now
+            try:
+                async for output in stream:
+                    if output.error:
+                        raise BackendError(f"generation failed: {output.error}")
+                    completion_tokens += sum(len(d.token_ids) for d in output.deltas)
+                    for chunk in _chunks(output, completion_tokens):
+                        if first and output.queue_time_s is not None:
+                            chunk = dataclasses.replace(chunk, queue_time_s=output.queue_time_s)
+                        first = False
+                        yield chunk
+            except EngineDeadError as exc:  # the server's 5xx, as any backend failure
+                raise BackendError(str(exc)) from exc
 
     def _admit(self, num_tokens: int) -> None:
         with self._lock:
@@ -147,41 +208,32 @@ class EngineBackend:
             self._in_flight -= 1
             self._in_flight_tokens -= num_tokens
 
-    async def run_on_engine_thread(self, fn: Callable[[], T]) -> T:
-        """Run other torch work (embeddings) on the engine's thread, between its steps.
+    async def run_torch(self, fn: Callable[[], T]) -> T:
+        """Run other torch work (embeddings) where it does not fight the engine for cores.
 
-        One thread for all torch work keeps one OpenMP team: a second team (a worker thread
-        running torch ops) makes libgomp stop spinning and slows every decoding step.
+        With the engine on a thread here: on that thread, between its steps. One thread for
+        all torch work keeps one OpenMP team: a second team (a worker thread running torch ops)
+        makes libgomp stop spinning and slows every decoding step. With the engine in a child
+        process: on one worker thread here, with one torch thread.
         """
-        return await asyncio.wrap_future(self._async.call(lambda _engine: fn()))
+        if isinstance(self._client, AsyncEngine):
+            return await asyncio.wrap_future(self._client.call(lambda _engine: fn()))
+        if self._torch_pool is None:
+            self._torch_pool = ThreadPoolExecutor(
+                1, "talkloop-torch", initializer=torch.set_num_threads, initargs=(1,)
+            )
+        return await asyncio.get_running_loop().run_in_executor(self._torch_pool, fn)
 
     async def is_ready(self) -> bool:
-        return self._async.is_running
+        return self._client.is_running
 
     def stats(self) -> Mapping[str, float]:
-        engine = self._engine
-        blocks = engine.block_manager
-        cache = blocks.cache
-        speculation: dict[str, float] = {}
-        if engine.speculator.enabled:
-            speculation = {
-                "spec_decode_num_draft_tokens": float(engine.speculator.num_draft_tokens),
-                "spec_decode_num_accepted_tokens": float(engine.speculator.num_accepted_tokens),
-            }
-        return speculation | {
-            "num_requests_running": float(len(engine.scheduler.running)),
-            "num_requests_waiting": float(len(engine.scheduler.waiting)),
-            # Blocks in use by live requests (cached blocks nobody uses count as free).
-            "kv_cache_usage_perc": 1.0 - blocks.num_available_blocks / blocks.num_blocks,
-            "requests_in_flight": float(self._in_flight),
-            "prefix_cache_queries_tokens": float(cache.num_query_tokens if cache else 0),
-            "prefix_cache_hits_tokens": float(cache.num_hit_tokens if cache else 0),
-            "prefix_cache_hit_rate": cache.hit_rate if cache else 0.0,
-            "prefix_cache_blocks": float(cache.num_cached_blocks if cache else 0),
-        }
+        return self._client.stats() | {"requests_in_flight": float(self._in_flight)}
 
     async def close(self) -> None:
-        self._async.shutdown()
+        await asyncio.to_thread(self._client.shutdown)
+        if self._torch_pool is not None:
+            self._torch_pool.shutdown(wait=False)
 
 
 def _chunks(output: RequestOutput, completion_tokens: int) -> list[GenerationChunk]:

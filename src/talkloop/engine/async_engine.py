@@ -12,7 +12,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -33,7 +33,8 @@ class _Stream:
     queue: asyncio.Queue[RequestOutput | BaseException]
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody reads this stream
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
 def _deliver(
@@ -41,6 +42,76 @@ def _deliver(
 ) -> None:
     for queue_, output in items:
         queue_.put_nowait(output)
+
+
+class StreamTable:
+    """Each live request's stream, by request id; thread-safe.
+
+    The engine's side hands a step's outputs over with `dispatch`; callers read their stream
+    with `read`. Shared by `AsyncEngine` (engine thread) and `EngineProcess` (its reader thread).
+    """
+
+    def __init__(self) -> None:
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def new_stream() -> _Stream:
+        return _Stream(asyncio.get_running_loop(), asyncio.Queue())
+
+    def add(self, request_id: str, stream: _Stream) -> None:
+        with self._lock:
+            self._streams[request_id] = stream
+
+    def remove(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+
+    def fail(self, request_id: str, exc: BaseException) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.put(exc)
+
+    def fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream.put(exc)
+
+    def dispatch(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their streams: one wake-up per event loop, not per request
+        (each `call_soon_threadsafe` writes to the loop's self-pipe)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], RequestOutput]]]
+        by_loop = {}
+        with self._lock:
+            for output in outputs:
+                stream = self._streams.get(output.request_id)
+                if stream is None:
+                    continue
+                by_loop.setdefault(stream.loop, []).append((stream.queue, output))
+                if output.finished:
+                    del self._streams[output.request_id]
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody reads those streams
+                loop.call_soon_threadsafe(_deliver, items)
+
+    @staticmethod
+    async def read(
+        stream: _Stream, abort: Callable[[], None]
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """The stream's outputs up to the finished one; `abort()` if the reader stops early."""
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                abort()
 
 
 class AsyncEngine:
@@ -68,7 +139,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._current_waiter: Future[Any] | None = None  # of the command the loop is running
         self._wakeup = threading.Event()
-        self._streams: dict[str, _Stream] = {}
+        self._streams = StreamTable()
         self._ids = itertools.count()
         self._stopped = False
         self._dead: BaseException | None = None
@@ -79,24 +150,17 @@ class AsyncEngine:
     # ---- caller side ------------------------------------------------------------------------
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's deltas; raises InvalidRequestError before the first one."""
         request_id = request_id or f"req-{next(self._ids)}"
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = self._streams.new_stream()
         added: Future[None] = Future()
         self._submit(lambda: self._add(request_id, prompt_token_ids, params, stream, added), added)
         await asyncio.wrap_future(added)
-        finished = False
-        try:
-            while not finished:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                self.abort(request_id)
+        outputs = self._streams.read(stream, lambda: self.abort(request_id))
+        async with contextlib.aclosing(outputs):
+            async for output in outputs:
+                yield output
 
     def abort(self, request_id: str) -> None:
         self._submit(lambda: self._abort(request_id))
@@ -104,6 +168,14 @@ class AsyncEngine:
     @property
     def is_running(self) -> bool:
         return self._thread.is_alive() and self._dead is None
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def stats(self) -> dict[str, float]:
+        """The engine's gauges, read from this thread (each a plain attribute read)."""
+        return self.engine.stats()
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         self._stopped = True
@@ -147,12 +219,12 @@ class AsyncEngine:
         except Exception as exc:
             added.set_exception(exc)
             return
-        self._streams[request_id] = stream
+        self._streams.add(request_id, stream)
         added.set_result(None)
 
     def _abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
-        self._streams.pop(request_id, None)
+        self._streams.remove(request_id)
 
     def _drain_commands(self) -> None:
         while True:
@@ -179,7 +251,7 @@ class AsyncEngine:
                     self._wakeup.wait(0.5)
                     self._wakeup.clear()
                     continue
-                self._dispatch(self.engine.step())
+                self._streams.dispatch(self.engine.step())
         except BaseException as exc:  # the loop must never die silently
             logger.exception("engine loop died")
             dead = EngineDeadError(f"the engine loop stopped: {exc}")
@@ -191,22 +263,4 @@ class AsyncEngine:
             for waiter in waiters:
                 if waiter is not None and not waiter.done():
                     waiter.set_exception(dead)
-            for stream in self._streams.values():
-                stream.put(EngineDeadError(f"the engine loop stopped: {exc}"))
-            self._streams.clear()
-
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        """Hand a step's outputs to their streams: one wake-up per event loop, not per request
-        (each `call_soon_threadsafe` writes to the loop's self-pipe)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], RequestOutput]]]
-        by_loop = {}
-        for output in outputs:
-            stream = self._streams.get(output.request_id)
-            if stream is None:
-                continue
-            by_loop.setdefault(stream.loop, []).append((stream.queue, output))
-            if output.finished:
-                del self._streams[output.request_id]
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody reads those streams
-                loop.call_soon_threadsafe(_deliver, items)
+            self._streams.fail_all(EngineDeadError(f"the engine loop stopped: {exc}"))

@@ -3,6 +3,8 @@
 The server maps these once onto the OpenAI error envelope; messages name the field at fault.
 """
 
+from __future__ import annotations
+
 
 class EngineError(Exception):
     """Base class of every error the engine raises on purpose."""
@@ -14,6 +16,9 @@ class InvalidRequestError(EngineError, ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+    def __reduce__(self) -> tuple[type[InvalidRequestError], tuple[str, str | None]]:
+        return type(self), (str(self), self.param)  # `param` survives a trip between processes
 
 
 class ModelLoadError(EngineError):

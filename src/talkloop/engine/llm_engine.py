@@ -119,6 +119,27 @@ class LLMEngine:
     def num_requests(self) -> int:
         return len(self._requests)
 
+    def stats(self) -> dict[str, float]:
+        """Gauges and counters for /metrics (vLLM's names where it has one)."""
+        blocks = self.block_manager
+        cache = blocks.cache
+        speculation: dict[str, float] = {}
+        if self.speculator.enabled:
+            speculation = {
+                "spec_decode_num_draft_tokens": float(self.speculator.num_draft_tokens),
+                "spec_decode_num_accepted_tokens": float(self.speculator.num_accepted_tokens),
+            }
+        return speculation | {
+            "num_requests_running": float(len(self.scheduler.running)),
+            "num_requests_waiting": float(len(self.scheduler.waiting)),
+            # Blocks in use by live requests (cached blocks nobody uses count as free).
+            "kv_cache_usage_perc": 1.0 - blocks.num_available_blocks / blocks.num_blocks,
+            "prefix_cache_queries_tokens": float(cache.num_query_tokens if cache else 0),
+            "prefix_cache_hits_tokens": float(cache.num_hit_tokens if cache else 0),
+            "prefix_cache_hit_rate": cache.hit_rate if cache else 0.0,
+            "prefix_cache_blocks": float(cache.num_cached_blocks if cache else 0),
+        }
+
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         self.speculator.plan(self.scheduler.running, self.max_model_len)

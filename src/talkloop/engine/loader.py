@@ -27,6 +27,7 @@ from talkloop.engine.sampling_params import SamplingParams
 from talkloop.engine.system import release_free_memory
 from talkloop.engine.tokenizer import Tokenizer
 from talkloop.engine.weights import load_checkpoint
+from talkloop.engine.weights.gguf import read_gguf_metadata
 
 if TYPE_CHECKING:
     from talkloop.engine.structured.grammar import GrammarCompiler
@@ -45,10 +46,23 @@ class LoadedModel:
     load_seconds: float
 
 
+def model_path(config: EngineConfig) -> Path:
+    return Path(config.model) if config.model else default_model_path()
+
+
+def load_tokenizer(config: EngineConfig) -> Tokenizer:
+    """Only the tokenizer of `config.model`: for a process that renders and tokenizes prompts
+    while another one holds the weights (`engine_process.EngineProcess`)."""
+    path = model_path(config)
+    if path.is_file():
+        return Tokenizer.from_gguf_metadata(read_gguf_metadata(path))
+    return Tokenizer.from_folder(path)
+
+
 def load_model(config: EngineConfig) -> LoadedModel:
     """Read weights and tokenizer from `config.model` (or the bundled model)."""
     start = time.perf_counter()
-    path = Path(config.model) if config.model else default_model_path()
+    path = model_path(config)
     checkpoint = load_checkpoint(path)
     tokenizer = (
         Tokenizer.from_gguf_metadata(checkpoint.metadata)

@@ -9,6 +9,7 @@ on the returned app); reach services through `deps`, data through `auth.StoreDep
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -32,6 +33,7 @@ from talkloop.server.db.migrate import upgrade
 from talkloop.server.errors import install_error_handlers
 from talkloop.server.ledger import UsageLedger
 from talkloop.server.limits.headers import RateLimitHeadersMiddleware
+from talkloop.server.logs import configure_logging
 from talkloop.server.metering.hooks import build_metering
 from talkloop.server.metrics import HttpMetricsMiddleware, ServingMetrics
 from talkloop.server.middleware import DrainGate, DrainMiddleware, RequestIdMiddleware
@@ -93,7 +95,13 @@ def build_backend(settings: Settings) -> ModelBackend:
     if settings.backend_urls:
         return build_remote_backend(settings)
     limits = AdmissionLimits(settings.max_queued_requests, settings.max_queued_prompt_tokens)
-    return EngineBackend.from_config(engine_config(settings), settings.served_model_name, limits)
+    return EngineBackend.from_config(
+        engine_config(settings),
+        settings.served_model_name,
+        limits,
+        process=settings.engine_process,
+        process_setup=functools.partial(configure_logging, settings.log_level, settings.log_format),
+    )
 
 
 def _announce_admin_key(secret: str, callback: AdminKeyCallback | None) -> None:

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     speculative: Literal["none", "ngram", "draft"] = "none"  # speculative decoding
     draft_model: str | None = None  # for speculative="draft" (see `talkloop train-draft`)
     num_threads: int | None = Field(default=None, ge=1)
+    # The built-in engine in a process of its own (False: on a thread of the server's process,
+    # where the engine's Python work and the event loop serving HTTP share one GIL).
+    engine_process: bool = True
     max_model_len: int | None = Field(default=None, ge=1)
     kv_cache_mb: int | None = Field(default=None, ge=1)
     # continuous batching: sequences per step, and tokens per step (chunked prefill + decodes)

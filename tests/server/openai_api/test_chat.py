@@ -139,7 +139,7 @@ def test_every_sampling_knob_is_accepted(client: openai.OpenAI) -> None:
 def test_logit_bias_forces_and_bans_tokens(
     client: openai.OpenAI, engine_backend: EngineBackend
 ) -> None:
-    tokenizer = engine_backend.loaded.tokenizer
+    tokenizer = engine_backend.tokenizer
     [forced] = tokenizer.encode(" banana", add_special_tokens=False)[:1]
     reply = client.chat.completions.create(
         model=MODEL,

@@ -25,7 +25,7 @@ def test_text_prompt_non_streamed(client: openai.OpenAI) -> None:
 def test_token_prompt_equals_text_prompt(
     client: openai.OpenAI, engine_backend: EngineBackend
 ) -> None:
-    token_ids = engine_backend.loaded.tokenizer.encode(PROMPT)
+    token_ids = engine_backend.tokenizer.encode(PROMPT)
     by_text = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0)
     by_ids = client.completions.create(model=MODEL, prompt=token_ids, max_tokens=6, temperature=0)
     assert by_ids.choices[0].text == by_text.choices[0].text

@@ -3,11 +3,17 @@ text and token-id input, `dimensions`, errors, and one metered ledger row per re
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from types import SimpleNamespace
+
 import openai
 import pytest
 import torch
 
+from talkloop.backends.engine_backend import EngineBackend
 from talkloop.engine.embeddings import MODEL_NAME, Embedder
+from talkloop.server.openai_api.embeddings import run_compute
 from tests.server.conftest import LiveServer
 
 pytestmark = pytest.mark.integration
@@ -94,17 +100,20 @@ def test_each_request_is_metered_once_with_its_tokens(
     assert (row["tenant_id"], row["prompt_tokens"], row["completion_tokens"]) == (tenant[0], 7, 0)
 
 
-def test_embedding_work_runs_on_the_engine_thread(engine_backend) -> None:  # type: ignore[no-untyped-def]
-    """One thread for all torch work keeps one OpenMP team (see AsyncEngine)."""
-    import asyncio
-    import threading
-    from types import SimpleNamespace
+def test_embedding_work_runs_where_the_engine_wants_it(
+    engine_backend: EngineBackend, tiny_backend: EngineBackend
+) -> None:
+    """Engine on a thread here: on that thread (one OpenMP team, see AsyncEngine). Engine in
+    its own process: on one worker thread here, with one torch thread. No engine: a thread."""
 
-    from talkloop.server.openai_api.embeddings import run_compute
+    def where() -> tuple[str, int]:
+        return threading.current_thread().name, torch.get_num_threads()
 
-    services = SimpleNamespace(models=SimpleNamespace(backends=[engine_backend]))
-    name = asyncio.run(run_compute(services, lambda: threading.current_thread().name))  # type: ignore[arg-type]
-    assert name == "talkloop-engine"
-    remote_only = SimpleNamespace(models=SimpleNamespace(backends=[]))
-    other = asyncio.run(run_compute(remote_only, lambda: threading.current_thread().name))  # type: ignore[arg-type]
-    assert other != "talkloop-engine"
+    def run(*backends: EngineBackend) -> tuple[str, int]:
+        services = SimpleNamespace(models=SimpleNamespace(backends=list(backends)))
+        return asyncio.run(run_compute(services, where))  # type: ignore[arg-type]
+
+    assert run(tiny_backend)[0] == "talkloop-engine"
+    assert run(engine_backend)[0].startswith("talkloop-torch")
+    assert run(engine_backend)[1] == 1
+    assert not run()[0].startswith(("talkloop-engine", "talkloop-torch"))

@@ -118,6 +118,13 @@ def read_gguf(path: str | Path) -> GGUFContents:
     return GGUFContents(config, tensors, source, metadata)
 
 
+def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """Only a GGUF file's metadata (tokenizer, architecture): no tensor is mapped or checked."""
+    source = Path(path)
+    with _errors_name_the_file(source):
+        return read_metadata(_open(source))
+
+
 @contextmanager
 def _errors_name_the_file(source: Path) -> Iterator[None]:
     """Prefix `source` to load errors raised by helpers that only know a tensor name."""

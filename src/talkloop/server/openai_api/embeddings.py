@@ -45,10 +45,10 @@ class EmbeddingRequest(Lenient):
 
 
 async def run_compute(services: Services, fn: Callable[[], T]) -> T:
-    """Torch work off the event loop: on the built-in engine's thread when there is one."""
+    """Torch work off the event loop: where the built-in engine, if any, wants it (`run_torch`)."""
     for backend in services.models.backends:
         if isinstance(backend, EngineBackend):
-            return await backend.run_on_engine_thread(fn)
+            return await backend.run_torch(fn)
     return await asyncio.to_thread(fn)
 
 

@@ -58,7 +58,7 @@ def _tokenizer_bytes(tokenizer: Tokenizer) -> TokenBytes:
 
 def token_bytes_for(backend: ModelBackend) -> TokenBytes:
     if isinstance(backend, EngineBackend):
-        return _tokenizer_bytes(backend.loaded.tokenizer)
+        return _tokenizer_bytes(backend.tokenizer)
     raise BadRequestError(
         f"logprobs are not available for model {backend.model_name!r}", param="logprobs"
     )
