@@ -300,42 +300,42 @@ def own_cpu_s() -> float:
 
 
 async def measure(
-    drivers: dict[str, Driver], args: argparse.Namespace, server_pid: int | None = None
+    drivers: dict[str, Driver], args: argparse.Namespace, server_pids: dict[str, int]
 ) -> dict[str, dict[int, dict[str, Any]]]:
     """Every level, the modes taking turns `--rounds` times, in alternating order (drift on a
-    shared machine hits both alike); per mode and level, the summary of all its rounds. Over
-    HTTP it also counts the CPU that the server's event loop (its main thread) and this load
+    shared machine hits every mode alike); per mode and level, the summary of all its rounds.
+    Over HTTP it also counts the CPU that the server (`server_pids[mode]`) and this load
     generator spent: on a machine this small both share the engine's cores."""
     for driver in drivers.values():
         await run_level(driver, 1, 1, 4)  # warm-up: first-request costs are not measured
     summaries: dict[str, dict[int, dict[str, Any]]] = {mode: {} for mode in drivers}
     for concurrency in args.concurrency:
         collected: dict[str, tuple[list[RequestResult], float]] = {m: ([], 0.0) for m in drivers}
-        cpu = {"server_loop": 0.0, "server": 0.0, "client": 0.0}
+        cpu = {m: {"server_loop": 0.0, "server": 0.0, "client": 0.0} for m in server_pids}
         for round_ in range(args.rounds):
             order = list(drivers.items())
             for mode, driver in order if round_ % 2 == 0 else order[::-1]:
-                counted = mode == "http" and server_pid is not None
-                if counted:
-                    loop_before = thread_cpu_s(server_pid, server_pid)
-                    server_before, client_before = process_cpu_s(server_pid), own_cpu_s()
+                pid = server_pids.get(mode)
+                if pid is not None:
+                    loop_before = thread_cpu_s(pid, pid)
+                    server_before, client_before = process_cpu_s(pid), own_cpu_s()
                 results, wall_s = await run_level(
                     driver, concurrency, args.turns, args.max_tokens, args.think_s
                 )
-                if counted:
-                    cpu["server_loop"] += thread_cpu_s(server_pid, server_pid) - loop_before
-                    cpu["server"] += process_cpu_s(server_pid) - server_before
-                    cpu["client"] += own_cpu_s() - client_before
+                if pid is not None:
+                    cpu[mode]["server_loop"] += thread_cpu_s(pid, pid) - loop_before
+                    cpu[mode]["server"] += process_cpu_s(pid) - server_before
+                    cpu[mode]["client"] += own_cpu_s() - client_before
                 previous, previous_s = collected[mode]
                 collected[mode] = (previous + results, previous_s + wall_s)
         for mode, (results, wall_s) in collected.items():
             slo = (args.slo_ttft_ms / 1e3, args.slo_itl_ms / 1e3)
             summary = summaries[mode][concurrency] = summarise(results, wall_s, *slo)
-            if mode == "http" and server_pid is not None:
+            if mode in cpu:
                 tokens = max(1, summary["num_tokens"])
-                summary["cpu_us_per_token"] = {k: 1e6 * v / tokens for k, v in cpu.items()}
+                summary["cpu_us_per_token"] = {k: 1e6 * v / tokens for k, v in cpu[mode].items()}
             print(
-                f"{mode:6} c={concurrency:<3} TTFT p50 {summary['ttft']['p50_ms']:7.1f} ms  "
+                f"{mode:12} c={concurrency:<3} TTFT p50 {summary['ttft']['p50_ms']:7.1f} ms  "
                 f"ITL p50 {summary['itl']['p50_ms']:6.1f} ms  "
                 f"goodput {summary['goodput_rps']:.2f} req/s  errors {summary['num_errors']}",
                 flush=True,
@@ -343,17 +343,29 @@ async def measure(
     return summaries
 
 
+def http_modes(args: argparse.Namespace) -> dict[str, str]:
+    """Mode name -> `--engine-process` value: one `talkloop serve` each."""
+    if len(args.engine_process) == 1:
+        return {"http": args.engine_process[0]}
+    return {f"http-{value}": value for value in args.engine_process}
+
+
 def run(args: argparse.Namespace, data_dir: str) -> dict[str, dict[int, dict[str, Any]]]:
-    """Start `talkloop serve`; load the same engine here unless --no-direct; measure both."""
+    """Start `talkloop serve` (one per `--engine-process` value); load the same engine here
+    unless --no-direct; measure every mode."""
     from talkloop.server.app import build_backend
     from talkloop.server.settings import Settings
 
-    api_key = secrets.token_urlsafe(32)
-    port = free_port()
-    process = start_server(port, server_env(data_dir, api_key, args.threads))
+    servers: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        http = HttpDriver(f"http://127.0.0.1:{port}", api_key)
-        drivers: dict[str, Driver] = {"http": http}
+        drivers: dict[str, Driver] = {}
+        for mode, engine_process in http_modes(args).items():
+            api_key, port = secrets.token_urlsafe(32), free_port()
+            env = server_env(tempfile.mkdtemp(dir=data_dir), api_key, args.threads)
+            if engine_process != "auto":
+                env["TALKLOOP_ENGINE_PROCESS"] = engine_process
+            servers[mode] = start_server(port, env)
+            drivers[mode] = HttpDriver(f"http://127.0.0.1:{port}", api_key)
         backend = None
         if not args.no_direct:
             settings = Settings(
@@ -368,15 +380,19 @@ def run(args: argparse.Namespace, data_dir: str) -> dict[str, dict[int, dict[str
 
         async def main() -> dict[str, dict[int, dict[str, Any]]]:
             try:
-                return await measure(drivers, args, process.pid)
+                pids = {mode: server.pid for mode, server in servers.items()}
+                return await measure(drivers, args, pids)
             finally:
-                await http.close()
+                for driver in drivers.values():
+                    if isinstance(driver, HttpDriver):
+                        await driver.close()
                 if backend is not None:
                     await backend.close()
 
         return asyncio.run(main())
     finally:
-        stop_server(process)
+        for server in servers.values():
+            stop_server(server)
 
 
 def overhead(http: dict[str, Any], direct: dict[str, Any]) -> dict[str, float]:
@@ -406,11 +422,10 @@ def markdown(report: dict[str, Any]) -> str:
         "| goodput req/s | SLO met | errors |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    modes = report["modes"]
     for level in report["levels"]:
-        for mode in ("http", "direct"):
-            m = level.get(mode)
-            if m is None:
-                continue
+        for mode in modes:
+            m = level[mode]
             trio = [
                 "/".join(f"{m[k][p]:.0f}" for p in ("p50_ms", "p95_ms", "p99_ms"))
                 for k in ("ttft", "itl", "e2e")
@@ -420,12 +435,14 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{m['goodput_rps']:.2f} | {100 * m['slo_attainment']:.0f}% | {m['num_errors']} |"
             )
     lines += ["", "Server overhead on TTFT, (HTTP - direct) / HTTP (target < 5% at 16 users):", ""]
-    lines += ["| users | p50 delta ms | p50 % | mean delta ms | mean % |", "|---|---|---|---|---|"]
+    lines += [
+        "| users | mode | p50 delta ms | p50 % | mean delta ms | mean % |",
+        "|---|---|---|---|---|---|",
+    ]
     for level in report["levels"]:
-        o = level.get("overhead")
-        if o:
+        for mode, o in level.get("overhead", {}).items():
             lines.append(
-                f"| {level['concurrency']} | {o['ttft_p50_ms_delta']:.1f} "
+                f"| {level['concurrency']} | {mode} | {o['ttft_p50_ms_delta']:.1f} "
                 f"| {o['ttft_p50_pct']:.1f} | {o['ttft_mean_ms_delta']:.1f} "
                 f"| {o['ttft_mean_pct']:.1f} |"
             )
@@ -434,17 +451,18 @@ def markdown(report: dict[str, Any]) -> str:
         "CPU per streamed token over HTTP, besides the engine's (us; 2 cores in all, so it "
         "slows the engine's steps):",
         "",
-        "| users | server process (engine process excluded) | its event loop "
-        "| load generator (this client) |",
-        "|---|---|---|---|",
+        "| users | mode | server process (the engine too when on its thread) "
+        "| its event loop | load generator (this client) |",
+        "|---|---|---|---|---|",
     ]
     for level in report["levels"]:
-        cpu = level.get("http", {}).get("cpu_us_per_token")
-        if cpu:
-            lines.append(
-                f"| {level['concurrency']} | {cpu['server']:.0f} | {cpu['server_loop']:.0f} "
-                f"| {cpu['client']:.0f} |"
-            )
+        for mode in modes:
+            cpu = level[mode].get("cpu_us_per_token")
+            if cpu:
+                lines.append(
+                    f"| {level['concurrency']} | {mode} | {cpu['server']:.0f} "
+                    f"| {cpu['server_loop']:.0f} | {cpu['client']:.0f} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -458,11 +476,18 @@ def main() -> None:
     parser.add_argument(
         "--think-s", type=float, default=1.0, help="mean think time between turns (0: none)"
     )
-    parser.add_argument("--rounds", type=int, default=2, help="alternations of the two modes")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of the modes")
     parser.add_argument("--threads", type=int, default=2, help="engine threads (both modes)")
     parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     parser.add_argument("--slo-itl-ms", type=float, default=200.0)
     parser.add_argument("--no-direct", action="store_true", help="skip the in-process peer")
+    parser.add_argument(
+        "--engine-process",
+        nargs="+",
+        choices=["auto", "true", "false"],
+        default=["auto"],
+        help="the server's TALKLOOP_ENGINE_PROCESS; several values: one server (mode) each",
+    )
     parser.add_argument("--note", default="", help="e.g. 'shared machine, other jobs running'")
     parser.add_argument("--out", type=Path, default=RESULTS / "serve")
     args = parser.parse_args()
@@ -473,13 +498,16 @@ def main() -> None:
     for c in args.concurrency:
         level: dict[str, Any] = {"concurrency": c, **{m: modes[m][c] for m in modes}}
         if "direct" in modes:
-            level["overhead"] = overhead(modes["http"][c], modes["direct"][c])
+            level["overhead"] = {
+                m: overhead(modes[m][c], modes["direct"][c]) for m in modes if m != "direct"
+            }
         levels.append(level)
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}",
         "note": args.note or "Quiet machine assumed; pass --note to record otherwise.",
         "config": {**vars(args), "out": str(args.out), "persona_chars": len(PERSONA)},
+        "modes": list(modes),
         "levels": levels,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,8 @@ class Served:
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "talkloop.cli", "serve", "--port", str(self.port)]
         command += ["--data-dir", str(data_dir), "--dtype", "bfloat16"]
-        env = {**os.environ, "TALKLOOP_DRAIN_TIMEOUT_S": "30"}
+        # The engine in its own process, which ignores the SIGTERM and is stopped after the drain.
+        env = {**os.environ, "TALKLOOP_DRAIN_TIMEOUT_S": "30", "TALKLOOP_ENGINE_PROCESS": "true"}
         self.proc = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )

@@ -115,3 +115,37 @@ def test_engine_settings_reach_the_engine_config(monkeypatch: pytest.MonkeyPatch
         Settings(max_num_seqs=0)
     with pytest.raises(ValidationError, match="log_format"):
         Settings(log_format="xml")
+
+
+@pytest.mark.parametrize(
+    ("engine_process", "num_threads", "cores", "expected"),
+    [
+        (None, None, 2, False),  # every core in the engine: a thread of the server
+        (None, 2, 2, False),
+        (None, 1, 2, True),  # a core left to the server: a process of its own
+        (None, 7, 8, True),
+        (True, None, 2, True),  # said outright: as said
+        (False, 1, 2, False),
+    ],
+)
+def test_the_engine_gets_its_own_process_when_it_leaves_a_core_free(
+    monkeypatch: pytest.MonkeyPatch,
+    engine_process: bool | None,
+    num_threads: int | None,
+    cores: int,
+    expected: bool,
+) -> None:
+    from talkloop.server import app
+
+    monkeypatch.setattr(app.os, "cpu_count", lambda: cores)
+    settings = Settings(engine_process=engine_process, num_threads=num_threads)
+    assert app.engine_in_a_process(settings) is expected
+
+
+def test_engine_process_reads_true_and_false_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TALKLOOP_ENGINE_PROCESS", "false")
+    assert Settings().engine_process is False
+    monkeypatch.setenv("TALKLOOP_ENGINE_PROCESS", "true")
+    assert Settings().engine_process is True

@@ -92,7 +92,14 @@ class StreamTable:
                 by_loop.setdefault(stream.loop, []).append((stream.queue, output))
                 if output.finished:
                     del self._streams[output.request_id]
+        try:
+            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # the engine's thread
+            here = None
         for loop, items in by_loop.items():
+            if loop is here:  # read on the streams' own loop (EngineProcess): no wake-up
+                _deliver(items)
+                continue
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody reads those streams
                 loop.call_soon_threadsafe(_deliver, items)
 

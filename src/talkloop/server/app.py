@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
@@ -89,6 +90,14 @@ def engine_config(settings: Settings) -> EngineConfig:
     )
 
 
+def engine_in_a_process(settings: Settings) -> bool:
+    """`settings.engine_process`, or when unset: whether the engine leaves a core free."""
+    if settings.engine_process is not None:
+        return settings.engine_process
+    threads = settings.num_threads
+    return threads is not None and threads < (os.cpu_count() or 1)
+
+
 def build_backend(settings: Settings) -> ModelBackend:
     """Remote replicas when `backend_urls` is set, else the built-in engine on `settings.model`
     (None: the bundled model)."""
@@ -99,7 +108,7 @@ def build_backend(settings: Settings) -> ModelBackend:
         engine_config(settings),
         settings.served_model_name,
         limits,
-        process=settings.engine_process,
+        process=engine_in_a_process(settings),
         process_setup=functools.partial(configure_logging, settings.log_level, settings.log_format),
     )
 

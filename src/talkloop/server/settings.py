@@ -95,9 +95,14 @@ class Settings(BaseSettings):
     speculative: Literal["none", "ngram", "draft"] = "none"  # speculative decoding
     draft_model: str | None = None  # for speculative="draft" (see `talkloop train-draft`)
     num_threads: int | None = Field(default=None, ge=1)
-    # The built-in engine in a process of its own (False: on a thread of the server's process,
-    # where the engine's Python work and the event loop serving HTTP share one GIL).
-    engine_process: bool = True
+    # The built-in engine in a process of its own (true), or on a thread of the server's
+    # process (false), where its Python work and the event loop serving HTTP share one GIL.
+    # None: a process when the engine leaves a core free (num_threads below the core count),
+    # else a thread. Measured on 2 cores at 16 users (bench/results/serve*.md): with a core
+    # free the process takes the server's share of time to first token from ~12% to ~2%;
+    # with every core in the engine, shipping each step's outputs to another process cost
+    # ~5% more than the thread, as the server's work then competes with the engine's anyway.
+    engine_process: bool | None = None
     max_model_len: int | None = Field(default=None, ge=1)
     kv_cache_mb: int | None = Field(default=None, ge=1)
     # continuous batching: sequences per step, and tokens per step (chunked prefill + decodes)

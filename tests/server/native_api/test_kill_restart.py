@@ -40,6 +40,7 @@ def start_server(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
         "TALKLOOP_DATA_DIR": str(data_dir),
         "TALKLOOP_PORT": str(port),
         "TALKLOOP_NUM_THREADS": "1",
+        "TALKLOOP_ENGINE_PROCESS": "true",
     }
     env.pop("TALKLOOP_DATABASE_URL", None)
     log = open(data_dir / f"server-{port}.log", "wb")  # noqa: SIM115 (closed with the process)
@@ -56,6 +57,12 @@ def start_server(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
         time.sleep(0.3)
     process.kill()
     raise RuntimeError("the server did not become ready")
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started, from any of its threads."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return [int(c) for task in tasks for c in (task / "children").read_text().split()]
 
 
 @pytest.fixture
@@ -93,12 +100,18 @@ def test_sigkill_mid_stream_leaves_the_conversation_intact(data_dir: Path) -> No
                         received += json.loads(line.removeprefix("data: "))["content"]
                         first_delta_at = first_delta_at or time.monotonic()
                         if time.monotonic() - first_delta_at > 1.5:  # a few flushes done
+                            engines = children(server.pid)
                             server.send_signal(signal.SIGKILL)
                             break
                     assert event != "done", "the reply finished before the kill"
     finally:
         server.kill()
         server.wait(30)
+    assert engines, "the server ran no engine process"
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in engines) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in engines), "an engine outlived it"
 
     port = free_port()
     server = start_server(data_dir, port)
