@@ -19,7 +19,7 @@ import pytest
 
 from talkloop.engine.async_engine import AsyncEngine
 from talkloop.engine.config import EngineConfig
-from talkloop.engine.engine_process import EngineProcess
+from talkloop.engine.engine_process import EngineProcess, engine_cpus
 from talkloop.engine.errors import EngineDeadError, InvalidRequestError, ModelLoadError
 from talkloop.engine.loader import build_engine, load_tokenizer
 from talkloop.engine.outputs import RequestOutput
@@ -199,3 +199,12 @@ def _exited(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def test_the_child_is_pinned_to_as_many_cpus_as_it_has_threads(engine: EngineProcess) -> None:
+    usable = sorted(os.sched_getaffinity(0))
+    expected = engine_cpus(CONFIG.num_threads)
+    if len(usable) > 1:
+        assert expected == usable[:1]
+    assert os.sched_getaffinity(engine.pid) == set(expected or usable)
+    assert engine_cpus(None) is None and engine_cpus(len(usable)) is None

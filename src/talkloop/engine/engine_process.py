@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import pickle
 import queue
 import signal
@@ -65,11 +66,11 @@ class EngineProcess:
         # A fresh interpreter (not fork: this process has threads; not multiprocessing's
         # spawn: it re-runs the caller's __main__), given one end of a socket pair.
         ours, theirs = socket.socketpair()
+        command = [sys.executable, "-c", CHILD_ENTRY, str(theirs.fileno())]
+        if (cpus := engine_cpus(config.num_threads)) is not None:
+            command.append(",".join(map(str, cpus)))
         with theirs:
-            self._process = subprocess.Popen(
-                [sys.executable, "-c", CHILD_ENTRY, str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-            )
+            self._process = subprocess.Popen(command, pass_fds=(theirs.fileno(),))
         self._conn = Connection(ours.detach())
         try:
             _put(self._conn, (config, setup))
@@ -266,6 +267,20 @@ class EngineProcess:
         self._streams.fail_all(EngineDeadError(self._dead or reason))
 
 
+def engine_cpus(num_threads: int | None) -> list[int] | None:
+    """The CPUs the engine process is pinned to: its first `num_threads` usable ones when it
+    leaves some free, else None (not pinned).
+
+    Unpinned, the kernel often wakes the server's threads on the engine's busy core (the one
+    whose write woke them) and preempts the engine there. Measured on 2 cores with one engine
+    thread: ITL at 1 user 14.3 -> 12.6 ms (12.7 with the engine on a thread of the caller), at
+    16 users 46.8 -> 44.3 ms, TTFT mean at 16 users 118.8 -> 109.3 ms (109.2)."""
+    usable = sorted(os.sched_getaffinity(0))
+    if num_threads is None or num_threads >= len(usable):
+        return None
+    return usable[:num_threads]
+
+
 # ---- the child ------------------------------------------------------------------------------
 CHILD_ENTRY = "from talkloop.engine.engine_process import child_main; child_main()"
 
@@ -274,6 +289,8 @@ def child_main() -> None:
     """The child's entry: `sys.argv[1]` is its end of the socket pair."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if len(sys.argv) > 2:  # before any thread exists: every later one inherits it
+        os.sched_setaffinity(0, {int(cpu) for cpu in sys.argv[2].split(",")})
     conn = Connection(int(sys.argv[1]))
     try:
         config, setup = pickle.loads(conn.recv_bytes())
