@@ -208,3 +208,18 @@ def test_the_child_is_pinned_to_as_many_cpus_as_it_has_threads(engine: EnginePro
         assert expected == usable[:1]
     assert os.sched_getaffinity(engine.pid) == set(expected or usable)
     assert engine_cpus(None) is None and engine_cpus(len(usable)) is None
+
+
+def test_a_request_id_in_use_is_refused_and_the_first_request_goes_on(
+    engine: EngineProcess, prompt: list[int]
+) -> None:
+    async def twice() -> tuple[str, list[int], str | None]:
+        first = engine.generate(prompt, GREEDY, "same-id")
+        head = await anext(first)
+        with pytest.raises(InvalidRequestError, match="already in use"):
+            await _collect(engine.generate(prompt, GREEDY, "same-id"))
+        text, tokens, reason = await _collect(first)
+        return text, [*(t for d in head.deltas for t in d.token_ids), *tokens], reason
+
+    _, tokens, reason = asyncio.run(twice())
+    assert len(tokens) == 12 and reason == "length"

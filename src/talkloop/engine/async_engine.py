@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from talkloop.engine.errors import EngineDeadError
+from talkloop.engine.errors import EngineDeadError, InvalidRequestError
 from talkloop.engine.llm_engine import LLMEngine
 from talkloop.engine.outputs import RequestOutput
 from talkloop.engine.sampling_params import SamplingParams
@@ -61,6 +61,8 @@ class StreamTable:
 
     def add(self, request_id: str, stream: _Stream) -> None:
         with self._lock:
+            if request_id in self._streams:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
 
     def remove(self, request_id: str) -> None:
@@ -92,14 +94,7 @@ class StreamTable:
                 by_loop.setdefault(stream.loop, []).append((stream.queue, output))
                 if output.finished:
                     del self._streams[output.request_id]
-        try:
-            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:  # the engine's thread
-            here = None
         for loop, items in by_loop.items():
-            if loop is here:  # read on the streams' own loop (EngineProcess): no wake-up
-                _deliver(items)
-                continue
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody reads those streams
                 loop.call_soon_threadsafe(_deliver, items)
 

@@ -15,16 +15,17 @@ The wire is one duplex pipe of pickled tuples:
                       ("error", request_id, error)     ("dead", reason)
 
 The child reads commands between steps and sends each step's outputs in one message. In the
-parent a writer thread sends (an event loop never blocks on a full pipe) and a caller's event
-loop reads, handing each step's outputs to their streams (`StreamTable`). If the child dies,
-every open stream and every later call gets `EngineDeadError`; if the parent dies, the child
-sees the pipe close and exits.
+parent a writer thread sends (an event loop never blocks on a full pipe) and a reader thread
+hands each step's outputs to their streams (`StreamTable`), on whichever event loops they read.
+If the child dies, every open stream and every later call gets `EngineDeadError`; if the parent
+dies, the child sees the pipe close and exits. (Reading on the server's event loop instead, with
+`loop.add_reader`, saved a thread wake-up per step but measured no faster, and tied the pipe to
+one loop.)
 The child ignores SIGINT and SIGTERM: its parent drains in-flight requests first, then stops it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import logging
@@ -69,8 +70,12 @@ class EngineProcess:
         command = [sys.executable, "-c", CHILD_ENTRY, str(theirs.fileno())]
         if (cpus := engine_cpus(config.num_threads)) is not None:
             command.append(",".join(map(str, cpus)))
-        with theirs:
-            self._process = subprocess.Popen(command, pass_fds=(theirs.fileno(),))
+        try:
+            with theirs:
+                self._process = subprocess.Popen(command, pass_fds=(theirs.fileno(),))
+        except BaseException:
+            ours.close()
+            raise
         self._conn = Connection(ours.detach())
         try:
             _put(self._conn, (config, setup))
@@ -87,10 +92,10 @@ class EngineProcess:
         self._lock = threading.Lock()
         self._dead: str | None = None
         self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._reader = threading.Thread(target=self._read, name="talkloop-engine-in", daemon=True)
         self._writer = threading.Thread(target=self._write, name="talkloop-engine-out", daemon=True)
+        self._reader.start()
         self._writer.start()
-        self._reading_lock = threading.Lock()  # whole messages, one reader at a time
-        self._reader_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def pid(self) -> int:
@@ -123,7 +128,6 @@ class EngineProcess:
         self._streams.add(request_id, stream)
         try:
             self._send(("add", request_id, prompt_token_ids, params))
-            self._read_on(stream.loop)
         except BaseException:
             self._streams.remove(request_id)
             raise
@@ -171,7 +175,7 @@ class EngineProcess:
             self._process.wait()
         self._streams.fail_all(EngineDeadError("the engine was shut down"))
         self._writer.join(timeout_s)
-        self._stop_reading(timeout_s)
+        self._reader.join(timeout_s)  # it saw the pipe close when the child exited
         self._conn.close()
 
     def _send(self, message: tuple[Any, ...]) -> None:
@@ -196,66 +200,31 @@ class EngineProcess:
                 self._die(f"the engine process's pipe broke: {exc}")
                 return
 
-    # ---- reading, on an event loop -----------------------------------------------------------
-    def _read_on(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Read the child's messages on `loop` (the caller's), unless a running loop already
-        does: a step's outputs then wake the event loop alone, not a reader thread as well
-        (on 2 cores, each extra wake-up per step preempts one of the engine's threads)."""
-        with self._lock:
-            current = self._reader_loop
-            if current is loop or (current is not None and current.is_running()):
-                return
-            self._reader_loop = loop
-        loop.add_reader(self._conn.fileno(), self._on_readable)
-
-    def _on_readable(self) -> None:
-        with self._reading_lock:
+    def _read(self) -> None:
+        """The child's messages, on a thread of their own: whatever event loop a stream reads
+        on (a server's, or several in tests), its outputs reach it."""
+        while True:
             try:
-                while self._conn.poll(0.0):
-                    if not self._handle(pickle.loads(self._conn.recv_bytes())):
-                        break
-                else:
-                    return
+                message = pickle.loads(self._conn.recv_bytes())
             except (EOFError, OSError):
-                code = self._process.poll()
+                try:
+                    code: int | None = self._process.wait(5.0)
+                except subprocess.TimeoutExpired:
+                    code = None
                 self._die(f"the engine process exited (exit code {code})")
-        self._stop_reading(0.0)  # the child is gone: nothing more to read
-
-    def _handle(self, message: tuple[Any, ...]) -> bool:
-        """Act on one message from the child; False once it says its loop died."""
-        kind = message[0]
-        if kind == "out":
-            if message[2] is not None:
-                self._stats = message[2]
-            self._streams.dispatch(message[1])
-        elif kind == "stats":
-            self._stats = message[1]
-        elif kind == "error":
-            self._streams.fail(message[1], message[2])
-        elif kind == "dead":
-            self._die(f"the engine loop stopped: {message[1]}")
-            return False
-        return True
-
-    def _stop_reading(self, timeout_s: float) -> None:
-        """Take the pipe off its event loop (on that loop's thread) before it is closed."""
-        with self._lock:
-            loop, self._reader_loop = self._reader_loop, None
-        if loop is None or loop.is_closed():
-            return
-        fd = self._conn.fileno()
-        if not loop.is_running() or _running_loop() is loop:
-            loop.remove_reader(fd)
-            return
-        removed = threading.Event()
-
-        def remove() -> None:
-            loop.remove_reader(fd)
-            removed.set()
-
-        with contextlib.suppress(RuntimeError):  # it closed meanwhile
-            loop.call_soon_threadsafe(remove)
-            removed.wait(timeout_s)
+                return
+            kind = message[0]
+            if kind == "out":
+                if message[2] is not None:
+                    self._stats = message[2]
+                self._streams.dispatch(message[1])
+            elif kind == "stats":
+                self._stats = message[1]
+            elif kind == "error":
+                self._streams.fail(message[1], message[2])
+            elif kind == "dead":
+                self._die(f"the engine loop stopped: {message[1]}")
+                return
 
     def _die(self, reason: str) -> None:
         with self._lock:
@@ -291,7 +260,9 @@ def child_main() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if len(sys.argv) > 2:  # before any thread exists: every later one inherits it
         os.sched_setaffinity(0, {int(cpu) for cpu in sys.argv[2].split(",")})
-    conn = Connection(int(sys.argv[1]))
+    fd = int(sys.argv[1])
+    os.set_inheritable(fd, False)  # a process the engine starts must not hold the pipe open
+    conn = Connection(fd)
     try:
         config, setup = pickle.loads(conn.recv_bytes())
     except (EOFError, OSError):
@@ -360,13 +331,6 @@ def _handle(engine: Any, conn: Connection, message: tuple[Any, ...]) -> None:
 
 def _put(conn: Connection, message: tuple[Any, ...]) -> None:
     conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 def _portable(exc: BaseException) -> BaseException:

@@ -91,11 +91,12 @@ def engine_config(settings: Settings) -> EngineConfig:
 
 
 def engine_in_a_process(settings: Settings) -> bool:
-    """`settings.engine_process`, or when unset: whether the engine leaves a core free."""
+    """`settings.engine_process`, or when unset: whether the engine leaves one of the CPUs this
+    process may use free (its affinity: a container's cpuset or `taskset` count, not the host)."""
     if settings.engine_process is not None:
         return settings.engine_process
     threads = settings.num_threads
-    return threads is not None and threads < (os.cpu_count() or 1)
+    return threads is not None and threads < len(os.sched_getaffinity(0))
 
 
 def build_backend(settings: Settings) -> ModelBackend:
