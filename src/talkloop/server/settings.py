@@ -97,12 +97,13 @@ class Settings(BaseSettings):
     num_threads: int | None = Field(default=None, ge=1)
     # The built-in engine in a process of its own (true), or on a thread of the server's
     # process (false), where its Python work and the event loop serving HTTP share one GIL.
-    # None: a process when the engine leaves a core free (num_threads below the core count),
-    # else a thread. The server's share of time to first token at 16 users on 2 cores: with a
-    # core free, 2.3% at p50 (1.3% on the mean) in a process against 4.2% (7.2%) on a thread
-    # (bench/results/serve_c16.md); with both cores in the engine, 20.1% in a process against
-    # 15.7% on a thread (serve_c16_all_cores.md): the server's work then takes the engine's
-    # cores either way, and the process adds a pipe and a process's wake-up to every step.
+    # None: a process when the engine leaves a usable CPU free (num_threads below their
+    # count), else a thread. The server's share of time to first token at 16 users on 2 cores,
+    # 768 requests a mode: with a core free, 4.0% at p50 (-1.7% on the mean) in a process
+    # against 4.8% (1.8%) on a thread (bench/results/serve_c16.md; an earlier run: 2.3% (1.3%)
+    # against 4.2% (7.2%)); with both cores in the engine, 20.1% in a process against 15.7% on
+    # a thread (serve_c16_all_cores.md): the server's work then takes the engine's cores
+    # either way, and the process adds a pipe and a process's wake-up to every step.
     engine_process: bool | None = None
     max_model_len: int | None = Field(default=None, ge=1)
     kv_cache_mb: int | None = Field(default=None, ge=1)
