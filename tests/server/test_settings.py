@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -137,7 +138,7 @@ def test_the_engine_gets_its_own_process_when_it_leaves_a_core_free(
 ) -> None:
     from talkloop.server import app
 
-    monkeypatch.setattr(app.os, "sched_getaffinity", lambda _pid: set(range(cores)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores)))
     settings = Settings(engine_process=engine_process, num_threads=num_threads)
     assert app.engine_in_a_process(settings) is expected
 

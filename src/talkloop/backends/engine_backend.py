@@ -87,7 +87,9 @@ class EngineBackend:
     ) -> None:
         self._client = client
         self.tokenizer = tokenizer
-        self.chat_template = ChatTemplate.for_tokenizer(tokenizer)
+        self.chat_template = (
+            loaded.chat_template if loaded is not None else ChatTemplate.for_tokenizer(tokenizer)
+        )
         self.loaded = loaded
         self._model_name = model_name
         self._limits = limits or AdmissionLimits()

@@ -107,12 +107,8 @@ class EngineProcess:
         try:
             message: tuple[Any, ...] = pickle.loads(self._conn.recv_bytes())
         except (EOFError, OSError):
-            try:
-                code: int | None = self._process.wait(5.0)
-            except subprocess.TimeoutExpired:
-                code = None
             raise ModelLoadError(
-                f"the engine process exited while starting (exit code {code})"
+                f"the engine process exited while starting (exit code {self._exit_code()})"
             ) from None
         if message[0] == "failed":
             raise message[1]
@@ -207,11 +203,7 @@ class EngineProcess:
             try:
                 message = pickle.loads(self._conn.recv_bytes())
             except (EOFError, OSError):
-                try:
-                    code: int | None = self._process.wait(5.0)
-                except subprocess.TimeoutExpired:
-                    code = None
-                self._die(f"the engine process exited (exit code {code})")
+                self._die(f"the engine process exited (exit code {self._exit_code()})")
                 return
             kind = message[0]
             if kind == "out":
@@ -225,6 +217,13 @@ class EngineProcess:
             elif kind == "dead":
                 self._die(f"the engine loop stopped: {message[1]}")
                 return
+
+    def _exit_code(self) -> int | None:
+        """The child's exit status once its end of the pipe closed (None if it lingers)."""
+        try:
+            return self._process.wait(5.0)
+        except subprocess.TimeoutExpired:
+            return None
 
     def _die(self, reason: str) -> None:
         with self._lock:

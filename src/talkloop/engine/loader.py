@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, replace
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -54,8 +54,13 @@ def load_tokenizer(config: EngineConfig) -> Tokenizer:
     """Only the tokenizer of `config.model`: for a process that renders and tokenizes prompts
     while another one holds the weights (`engine_process.EngineProcess`)."""
     path = model_path(config)
-    if path.is_file():
-        return Tokenizer.from_gguf_metadata(read_gguf_metadata(path))
+    return _tokenizer_at(path, read_gguf_metadata(path) if path.is_file() else None)
+
+
+def _tokenizer_at(path: Path, gguf_metadata: dict[str, Any] | None) -> Tokenizer:
+    """A GGUF file's tokenizer from its metadata, else a Hugging Face folder's."""
+    if path.is_file() and gguf_metadata is not None:
+        return Tokenizer.from_gguf_metadata(gguf_metadata)
     return Tokenizer.from_folder(path)
 
 
@@ -64,11 +69,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     start = time.perf_counter()
     path = model_path(config)
     checkpoint = load_checkpoint(path)
-    tokenizer = (
-        Tokenizer.from_gguf_metadata(checkpoint.metadata)
-        if path.is_file()
-        else Tokenizer.from_folder(path)
-    )
+    tokenizer = _tokenizer_at(path, checkpoint.metadata)
     model = LlamaForCausalLM(checkpoint.config, dtype=DTYPES[config.dtype], device=config.device)
     model.load_weights(checkpoint.tensors)
     del checkpoint

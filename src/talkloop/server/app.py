@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
@@ -26,6 +25,7 @@ from talkloop.engine.config import (
     SchedulerConfig,
     SpeculativeConfig,
 )
+from talkloop.engine.engine_process import engine_cpus
 from talkloop.server import admin_api, health, metrics, openai_api, usage_api
 from talkloop.server.auth import KeyCache
 from talkloop.server.bootstrap import bootstrap
@@ -95,8 +95,7 @@ def engine_in_a_process(settings: Settings) -> bool:
     process may use free (its affinity: a container's cpuset or `taskset` count, not the host)."""
     if settings.engine_process is not None:
         return settings.engine_process
-    threads = settings.num_threads
-    return threads is not None and threads < len(os.sched_getaffinity(0))
+    return engine_cpus(settings.num_threads) is not None  # the CPUs it would be pinned to
 
 
 def build_backend(settings: Settings) -> ModelBackend:
