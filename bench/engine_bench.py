@@ -1,7 +1,8 @@
 """Engine benchmark: prefill, single-stream decode, batched decode, peak RSS, vs peers.
 
 Peers, each measured in its own process in the same run on the same GGUF:
-  talkloop      the built-in engine (bf16 compute by default)
+  talkloop      the built-in engine (`--dtype auto`: bf16 where the CPU computes it natively,
+                float32 elsewhere, as `talkloop serve` does)
   llamacpp      llama-cpp-python, same GGUF, 2 threads (installed from a cached wheel)
   transformers  fp32 eager on the same dequantized weights
 Each (peer, task) runs `--repeats` times; the median is reported, and every figure is also a
@@ -275,9 +276,34 @@ def ratios(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float]:
     return out
 
 
+def auto_dtype() -> str:
+    from talkloop.engine import cpu
+
+    return cpu.auto_dtype("cpu")
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the features the engine's kernels choose by."""
+    from talkloop.engine import cpu  # here: a llama.cpp worker must not import torch
+
+    name = next(
+        (
+            line.partition(":")[2].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16")
+    features = [flag for flag in wanted if flag in cpu.cpu_flags()]
+    return f"{name} ({', '.join(features) or 'no AVX2'})"
+
+
 def write_markdown(report: dict[str, Any], path: Path) -> None:
     lines = [
         f"# Engine benchmark ({report['date']}, {report['machine']})",
+        "",
+        f"CPU: {report.get('cpu', 'not recorded')}.",
         "",
         f"SmolLM2-135M-Instruct Q4_1, {THREADS} threads, talkloop dtype {report['dtype']}, "
         f"median of {report['repeats']} runs (tok/s).",
@@ -313,7 +339,7 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, metavar=("PEER", "TASK"))
     parser.add_argument("--peers", default="talkloop,talkloop_int4,llamacpp,transformers")
     parser.add_argument("--tasks", default=",".join(TASKS))
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS / "engine"))
     args = parser.parse_args()
@@ -334,7 +360,8 @@ def main() -> None:
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-        "dtype": args.dtype,
+        "cpu": cpu_description(),
+        "dtype": args.dtype if args.dtype != "auto" else f"auto ({auto_dtype()})",
         "repeats": args.repeats,
         "results": results,
         "ratios": ratios(results),

@@ -23,7 +23,7 @@ from talkloop.engine.sampling_params import SamplingParams
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument("--model", help="GGUF file or safetensors folder (default: bundled)")
-    group.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    group.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     group.add_argument(
         "--quantization",
         choices=["none", "int8", "int4"],
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", help="bind address (default 127.0.0.1)")
     srv.add_argument("--port", type=int, help="port (default 8000)")
     srv.add_argument("--model", help="GGUF file or safetensors folder (default: bundled)")
-    srv.add_argument("--dtype", choices=["float32", "bfloat16"])
+    srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
     srv.add_argument("--data-dir", help="database and files (default ./data or XDG)")
     srv.add_argument("--dev", action="store_true", help="dev mode: allow default secrets")
     srv.set_defaults(func=cmd_serve)

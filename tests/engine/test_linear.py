@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from talkloop.engine import cpu
 from talkloop.engine.models.linear import (
     Linear,
     QuantizedLinear,
@@ -52,29 +53,59 @@ def test_int4_is_exact_on_q4_1_style_weights() -> None:
     torch.testing.assert_close(quant(x), dense(x), atol=tolerance, rtol=1e-2)
 
 
+@pytest.fixture(params=[True, False], ids=["vnni", "no-vnni"])
+def int8_dot(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both CPU kinds on any machine: with int8 dot products (W8A8 for large batches) and
+    without them (AVX2: no W8A8). Either path is correct anywhere, only its speed differs."""
+    monkeypatch.setattr(cpu, "has_int8_dot", lambda: request.param)
+    return bool(request.param)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
-def test_large_batches_take_the_w8a8_path(bits: int) -> None:
+def test_large_batches_take_the_w8a8_path(bits: int, int8_dot: bool) -> None:
     dense = _dense()
     quant = QuantizedLinear(dense, bits, group_size=32, max_quant_rows=8)
+    native_int4 = bits == 4 and quant.int4_packed is not None
+    if native_int4 and not int8_dot:  # the int4 kernel takes every batch: no int8 copy
+        assert quant.max_quant_rows is None and quant.int8_weight is None
+        x = torch.randn(3, 50, 96)
+        error = (quant(x) - dense(x)).abs().max() / dense(x).abs().max()
+        assert 0 < error < 0.12
+        return
     assert quant.int8_weight is not None
     if bits == 8:  # an int8 layer's W8A8 path shares its weight-only kernel's int8 weight
         assert quant.int8_weight.data_ptr() == quant.qweight.data_ptr()
     # Past max_quant_rows (8; 64 for a native int4 layer, whose kernel reuses weights across
     # rows), in any leading shape.
     rows = quant.max_quant_rows + 10
-    assert rows == (74 if bits == 4 and quant.int4_packed is not None else 18)
+    assert rows == (74 if native_int4 else 18)
     x = torch.randn(2, rows // 2, 96)
     got = quant(x)
     expected = dense(x)
     assert got.shape == expected.shape
     error = (got - expected).abs().max() / expected.abs().max()
-    assert 0 < error < 0.02  # int8 activations: close, and not the dense product
-    # Each row is quantized alone: its result does not depend on the rest of the batch.
+    assert 0 < error < 0.02  # int8 activations (W8A8) or weights: close, not the dense product
+    # Each row is computed alone: its result does not depend on the rest of the batch.
     fewer = rows - 1  # still past max_quant_rows
     torch.testing.assert_close(quant(x.reshape(rows, 96)[:fewer]), got.reshape(rows, -1)[:fewer])
 
 
-def test_outlier_channels_keep_a_massive_channel_exact() -> None:
+def test_without_int8_dot_large_batches_use_the_int8_weight_in_float32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No VNNI: past max_quant_rows an int8 layer is x @ (q * scale)^T in float32, exactly."""
+    monkeypatch.setattr(cpu, "has_int8_dot", lambda: False)
+    dense = _dense()
+    quant = QuantizedLinear(dense, 8, max_quant_rows=8)
+    assert quant.int8_weight is not None and quant.int8_scales is not None
+    x = torch.randn(20, 96)
+    weight = quant.int8_weight.float() * quant.int8_scales[:, None]
+    assert dense.bias is not None
+    torch.testing.assert_close(quant(x), x @ weight.t() + dense.bias)
+
+
+def test_outlier_channels_keep_a_massive_channel_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu, "has_int8_dot", lambda: True)  # outliers serve W8A8 only
     dense = _dense(out_features=64, in_features=256, bias=False)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(32, 256, generator=g) * 0.3
@@ -89,7 +120,8 @@ def test_outlier_channels_keep_a_massive_channel_exact() -> None:
     assert error_kept < error_plain / 4, (error_kept, error_plain)
 
 
-def test_channel_ranges_observe_every_linear_input() -> None:
+def test_channel_ranges_observe_every_linear_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu, "has_int8_dot", lambda: True)
     config = tiny_config("llama", hidden_size=64, intermediate_size=128)
     model = tiny_model(config, seed=2)
     tokens = list(range(20, 60))

@@ -191,7 +191,7 @@ def test_argmax_kernel_picks_what_torch_picks(cols: int) -> None:
 
 
 needs_int4 = pytest.mark.skipif(
-    not native.int4_supported(), reason="no AVX-512 VNNI: int4 layers use torch's kernel"
+    not native.int4_supported(), reason="no AVX-512 VNNI or AVX2: int4 layers use torch's kernel"
 )
 
 

@@ -89,7 +89,7 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
 @pytest.fixture(scope="session")
 def engine_backend() -> Iterator[EngineBackend]:
     """The bundled model as `talkloop serve` runs it: the engine in a process of its own."""
-    backend = EngineBackend.from_config(EngineConfig(dtype="bfloat16"), MODEL, process=True)
+    backend = EngineBackend.from_config(EngineConfig(dtype="auto"), MODEL, process=True)
     yield backend
     asyncio.run(backend.close())
 
@@ -97,7 +97,7 @@ def engine_backend() -> Iterator[EngineBackend]:
 @pytest.fixture(scope="session")
 def tiny_backend() -> Iterator[EngineBackend]:
     """The same weights behind an engine on a thread here that admits a single request."""
-    config = EngineConfig(dtype="bfloat16", num_threads=1)
+    config = EngineConfig(dtype="auto", num_threads=1)
     loaded = load_model(config)
     backend = EngineBackend.from_engine(
         loaded, build_engine(config, loaded), TINY_MODEL, AdmissionLimits(max_queued_requests=1)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 RopeScalingType = Literal["none", "linear", "llama3", "yarn"]
-DType = Literal["float32", "bfloat16"]
+DType = Literal["auto", "float32", "bfloat16"]  # auto: bf16 where computed natively
 Quantization = Literal["none", "int8", "int4"]
 
 
@@ -179,8 +179,8 @@ class EngineConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.quantization not in ("none", "int8", "int4"):
             raise ValueError(
                 f"quantization must be 'none', 'int8' or 'int4', got {self.quantization!r}"

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from talkloop.engine import cpu
 from talkloop.engine.assets import default_model_path
 from talkloop.engine.chat_template import ChatTemplate
 from talkloop.engine.config import EngineConfig, SpeculativeConfig
@@ -70,15 +71,18 @@ def load_model(config: EngineConfig) -> LoadedModel:
     path = model_path(config)
     checkpoint = load_checkpoint(path)
     tokenizer = _tokenizer_at(path, checkpoint.metadata)
-    model = LlamaForCausalLM(checkpoint.config, dtype=DTYPES[config.dtype], device=config.device)
+    dtype = cpu.auto_dtype(config.device) if config.dtype == "auto" else config.dtype
+    model = LlamaForCausalLM(checkpoint.config, dtype=DTYPES[dtype], device=config.device)
     model.load_weights(checkpoint.tensors)
     del checkpoint
-    ranges = calibrate(model, tokenizer) if config.quantization != "none" else None
+    # the outlier channels serve only the W8A8 path, which runs only where int8 dot products do
+    calibrated = config.quantization != "none" and cpu.has_int8_dot()
+    ranges = calibrate(model, tokenizer) if calibrated else None
     quantize_linears(model, config.quantization, ranges=ranges)
     model.to(config.device).eval()
     release_free_memory()
     seconds = time.perf_counter() - start
-    logger.info("loaded %s in %.2f s", path, seconds)
+    logger.info("loaded %s in %.2f s (%s, %s)", path, seconds, dtype, config.quantization)
     return LoadedModel(model, tokenizer, ChatTemplate.for_tokenizer(tokenizer), path, seconds)
 
 

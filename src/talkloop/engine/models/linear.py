@@ -4,7 +4,7 @@ A quantized layer has two kernels, chosen per call by the number of rows:
 - up to `max_quant_rows` rows (single-stream decode, speculative verification, and for
   native int4 layers batched decode up to `NATIVE_INT4_ROWS`): int8 layers use
   `_weight_int8pack_mm` (bf16 activations, per-output-channel scales); int4 layers use the
-  native int4 x int8 VNNI kernel (`native.int4_linear`: GGUF Q4_1's form, activations
+  native int4 x int8 kernel (`native.int4_linear`: GGUF Q4_1's form, activations
   quantized per group of 32) where it is built, else `_weight_int4pack_mm_for_cpu`. Decode is
   memory bound, and int4 reads 4x fewer bytes than bf16. Torch's kernels do not reuse a
   weight across rows (at 16 rows they are slower than a dense bf16 GEMM); the native one does.
@@ -19,6 +19,10 @@ A quantized layer has two kernels, chosen per call by the number of rows:
   bundled model 3.8% perplexity. So each layer keeps its `OUTLIER_CHANNELS` largest input
   channels, found once at load on a calibration text (`engine/data/calibration.txt`), in
   float32 beside the int8 product: +0.5% to +0.8% perplexity instead.
+- without VNNI (AVX2 CPUs, `cpu.has_int8_dot()` false) `torch._int_mm` is slow (17 tok/s of
+  prefill on a 2-core Zen 3), so there is no W8A8: native int4 layers take every batch through
+  their kernel (AVX2 form: 466 tok/s of prefill at 256 rows where dense float32 ran 355), and
+  int8 layers widen their weight to float32 for one dense GEMM above `max_quant_rows`.
 The quality guard (tests/integration/test_quantization_quality.py) measures both kernels.
 """
 
@@ -30,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from talkloop.engine import native
+from talkloop.engine import cpu, native
 from talkloop.engine.config import Quantization
 from talkloop.engine.native import OutlierChannels
 
@@ -82,24 +86,28 @@ class QuantizedLinear(nn.Module):
             # The native kernel's packed form where it is built, else torch's.
             if native.int4_supported() and group_size == native.INT4_GROUP:
                 self.int4_packed = native.int4_pack(*native.int4_quantize(weight))
-                if max_quant_rows:  # it reuses each weight block across rows: batched decode
+                # It reuses each weight block across rows: batched decode. Without VNNI it
+                # takes every batch, prefill too (no int8 copy): W8A8 is not fast there.
+                if max_quant_rows and cpu.has_int8_dot():
                     self.max_quant_rows = max(max_quant_rows, NATIVE_INT4_ROWS)
+                elif max_quant_rows:
+                    self.max_quant_rows = None
             else:
                 self.qweight, self.scales = quantize_int4(weight, group_size)
-            if max_quant_rows:
+            if self.max_quant_rows:
                 self.int8_weight, scales = quantize_int8(weight)
                 self.int8_scales = scales.float()
         else:
             raise ValueError(f"bits must be 4 or 8, got {bits}")
         self.outliers: OutlierChannels | None = None
         count = min(OUTLIER_CHANNELS, weight.shape[1] // 16)
-        if max_quant_rows and channel_range is not None and count > 0:
+        if self.max_quant_rows and cpu.has_int8_dot() and channel_range is not None and count > 0:
             self.outliers = OutlierChannels.of(weight, channel_range.topk(count).indices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if self.int8_weight is not None and self.max_quant_rows and rows > self.max_quant_rows:
-            return self._w8a8(x)
+            return self._w8a8(x) if cpu.has_int8_dot() else self._dequantized(x)
         if self.int4_packed is not None:
             return native.int4_linear(x, self.int4_packed, self.bias).to(self.out_dtype)
         x16 = x.to(torch.bfloat16)
@@ -111,6 +119,15 @@ class QuantizedLinear(nn.Module):
             )
         y = y.to(self.out_dtype)
         return y + self.bias if self.bias is not None else y
+
+    def _dequantized(self, x: torch.Tensor) -> torch.Tensor:
+        """Many rows without VNNI: the int8 weight widened to float32 for one dense GEMM (the
+        widening is a small part of a GEMM of more than `max_quant_rows` rows)."""
+        assert self.int8_weight is not None and self.int8_scales is not None
+        y = F.linear(x.float(), self.int8_weight.float()) * self.int8_scales
+        if self.bias is not None:
+            y = y.to(self.out_dtype) + self.bias
+        return y.to(self.out_dtype)
 
     def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
         assert self.int8_weight is not None and self.int8_scales is not None

@@ -1,7 +1,7 @@
 """Native CPU kernels, built on first use with the machine's C++ compiler, with a fallback.
 
 `paged_attention.cpp` (decode attention on the paged cache), `int8_linear.cpp` (the passes
-around an int8 GEMM), `int4_linear.cpp` (an int4 x int8 VNNI kernel for a few rows),
+around an int8 GEMM), `int4_linear.cpp` (an int4 x int8 kernel, AVX-512 VNNI or AVX2),
 `rms_norm.cpp`, `decode_step.cpp` (a whole decode step of a dense Llama-family model in one
 call), `prefill_attention.cpp` (causal prefill attention in bf16 on the paged cache) and
 `argmax.cpp` (greedy picks) are compiled against the installed torch (ATen's `parallel_for`
@@ -20,7 +20,6 @@ import functools
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -28,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from talkloop.engine import cpu
 
 logger = logging.getLogger(__name__)
 
@@ -61,19 +62,6 @@ def cache_dir() -> Path:
         return Path(explicit) / "kernels"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "talkloop" / "kernels"
-
-
-def _cpu_signature() -> str:
-    """What `-march=native` depends on: the machine and its CPU flags."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = line
-                break
-    except OSError:
-        flags = platform.processor()
-    return f"{platform.machine()}|{flags}"
 
 
 def _compiler() -> str:
@@ -174,7 +162,7 @@ def library() -> ctypes.CDLL | None:
                     torch.__version__.encode(),
                     compiler.encode(),
                     " ".join(FLAGS).encode(),
-                    _cpu_signature().encode(),
+                    cpu.signature().encode(),
                 ]
             )
         ).hexdigest()[:20]
@@ -469,7 +457,7 @@ INT4_TILE = 16  # output channels per packed tile
 
 
 def int4_supported() -> bool:
-    """Whether the native int4 kernel is built here (it needs AVX-512 VNNI)."""
+    """Whether the native int4 kernel is built here (it needs AVX-512 VNNI or AVX2)."""
     lib = library()
     return lib is not None and bool(lib.talkloop_int4_supported())
 
