@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from talkloop.engine.config import torch_device_type
+
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
@@ -49,7 +51,7 @@ def has_int8_dot() -> bool:
 
 def auto_dtype(device: str) -> str:
     """`dtype="auto"`: bf16 where the device computes it natively, else float32."""
-    kind = torch.device(device).type
+    kind = torch_device_type(device)
     if kind == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     if kind == "cpu":

@@ -78,6 +78,8 @@ class QuantizedLinear(nn.Module):
         self.int8_weight: torch.Tensor | None = None  # [N, K] int8, for W8A8
         self.int8_scales: torch.Tensor | None = None  # [N] float32
         self.int4_packed: torch.Tensor | None = None  # int4_linear.cpp's form, for int4
+        # Large batches as W8A8 (int8 dot products, VNNI) or, without them, a float32 GEMM.
+        self.w8a8 = cpu.has_int8_dot()
         if bits == 8:
             self.qweight, self.scales = quantize_int8(weight)
             if max_quant_rows:
@@ -88,7 +90,7 @@ class QuantizedLinear(nn.Module):
                 self.int4_packed = native.int4_pack(*native.int4_quantize(weight))
                 # It reuses each weight block across rows: batched decode. Without VNNI it
                 # takes every batch, prefill too (no int8 copy): W8A8 is not fast there.
-                if max_quant_rows and cpu.has_int8_dot():
+                if max_quant_rows and self.w8a8:
                     self.max_quant_rows = max(max_quant_rows, NATIVE_INT4_ROWS)
                 elif max_quant_rows:
                     self.max_quant_rows = None
@@ -101,13 +103,13 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"bits must be 4 or 8, got {bits}")
         self.outliers: OutlierChannels | None = None
         count = min(OUTLIER_CHANNELS, weight.shape[1] // 16)
-        if self.max_quant_rows and cpu.has_int8_dot() and channel_range is not None and count > 0:
+        if self.max_quant_rows and self.w8a8 and channel_range is not None and count > 0:
             self.outliers = OutlierChannels.of(weight, channel_range.topk(count).indices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if self.int8_weight is not None and self.max_quant_rows and rows > self.max_quant_rows:
-            return self._w8a8(x) if cpu.has_int8_dot() else self._dequantized(x)
+            return self._w8a8(x) if self.w8a8 else self._dequantized(x)
         if self.int4_packed is not None:
             return native.int4_linear(x, self.int4_packed, self.bias).to(self.out_dtype)
         x16 = x.to(torch.bfloat16)
@@ -121,8 +123,9 @@ class QuantizedLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
     def _dequantized(self, x: torch.Tensor) -> torch.Tensor:
-        """Many rows without VNNI: the int8 weight widened to float32 for one dense GEMM (the
-        widening is a small part of a GEMM of more than `max_quant_rows` rows)."""
+        """Many rows without VNNI: the int8 weight widened to float32, per call, for one dense
+        GEMM. The widening is not free: on a 2-core Zen 3 an int8 model decoded 32 streams at
+        85 tok/s against 105 for 8 (bench/results/engine_avx2.md); int4 layers avoid it."""
         assert self.int8_weight is not None and self.int8_scales is not None
         y = F.linear(x.float(), self.int8_weight.float()) * self.int8_scales
         if self.bias is not None:
